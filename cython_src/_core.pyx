@@ -1,0 +1,856 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""lossympi._core: the datagram engine.
+
+Sends numpy buffers as authenticated UDP datagrams (sendmmsg, optional UDP GSO), receives them
+(recvmmsg, optional UDP GRO), validates every field before a byte is written, copies each chunk to its
+offset in the posted buffer and tracks arrivals in a bitmap. Every loop runs without the GIL. The wire
+format is specified in docs/protocol.md; the constants below must agree with ``lossympi.wire``.
+"""
+
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy, memset
+
+__version__ = "0.1.0"
+
+DEF HEADER_BYTES = 32
+DEF MAC_BYTES = 16
+DEF VERSION = 1
+DEF KIND_DATA = 1
+DEF FLAG_MAC = 1
+DEF RECV_BATCH = 32
+DEF RECV_BUF = 65536
+DEF MAX_GSO_SEGS = 64
+DEF GSO_MAX_BYTES = 65000
+DEF SEND_MSGS = 16
+
+# Reject reasons (indices into the reject counters); order matches REJECT_REASONS.
+DEF R_SHORT = 0
+DEF R_HEADER = 1
+DEF R_RANK = 2
+DEF R_SIZE = 3
+DEF R_MAC = 4
+DEF R_SHAPE = 5
+DEF N_REASONS = 6
+
+REJECT_REASONS = ("short", "header", "rank", "size", "mac", "shape")
+HEADER_SIZE = HEADER_BYTES
+MAC_SIZE = MAC_BYTES
+PROTOCOL_VERSION = VERSION
+
+
+cdef extern from "lm_blake2b.h" nogil:
+    ctypedef struct lm_b2b_state:
+        size_t buflen
+    void lm_b2b_init_key(lm_b2b_state *S, size_t outlen, const uint8_t *key, size_t keylen)
+    void lm_b2b_prepare(lm_b2b_state *S)
+    void lm_b2b_update(lm_b2b_state *S, const uint8_t *data, size_t n)
+    void lm_b2b_final(lm_b2b_state *S, uint8_t *out)
+    void lm_mac2(const lm_b2b_state *prepared, const uint8_t *a, size_t alen, const uint8_t *b,
+                 size_t blen, uint8_t *out)
+    int lm_ct_equal(const uint8_t *a, const uint8_t *b, size_t n)
+
+
+cdef extern from "lm_net.h" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    struct msghdr:
+        void *msg_name
+        unsigned int msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+    ctypedef struct lm_addr:
+        pass
+    int sendmmsg(int fd, mmsghdr *msgs, unsigned int n, int flags)
+    int recvmmsg(int fd, mmsghdr *msgs, unsigned int n, int flags, void *timeout)
+    int MSG_DONTWAIT
+    int MSG_TRUNC
+    int EAGAIN
+    int EWOULDBLOCK
+    int EINTR
+    int EIO
+    int EINVAL
+    int ENOBUFS
+    int EPERM
+    int ECONNREFUSED
+    int EMSGSIZE
+    int LM_CTRL_BYTES
+    int lm_errno()
+    uint64_t lm_now_ns()
+    void lm_sleep_ns(uint64_t ns)
+    int lm_wait_writable(int fd, int timeout_ms)
+    void lm_addr_set(lm_addr *a, uint32_t ip_be, uint16_t port)
+    int lm_addr_eq(const lm_addr *a, const lm_addr *b)
+    void lm_msg_set_gso(msghdr *m, char *ctrl, uint16_t gso_size)
+    int lm_msg_gro_size(msghdr *m)
+    uint16_t lm_ld16(const uint8_t *p)
+    uint32_t lm_ld32(const uint8_t *p)
+    uint64_t lm_ld64(const uint8_t *p)
+    void lm_st16(uint8_t *p, uint16_t v)
+    void lm_st32(uint8_t *p, uint32_t v)
+    void lm_st64(uint8_t *p, uint64_t v)
+
+
+def blake2b_mac(bytes key, const uint8_t[::1] data, int outlen=16):
+    """Keyed BLAKE2b of ``data`` as computed by the core (for tests against ``hashlib``)."""
+    if not 1 <= len(key) <= 64 or not 1 <= outlen <= 64:
+        raise ValueError("key must be 1..64 bytes and outlen 1..64")
+    cdef lm_b2b_state S
+    cdef uint8_t out[64]
+    cdef const uint8_t *k = key
+    lm_b2b_init_key(&S, outlen, k, len(key))
+    if data.shape[0] > 0:
+        lm_b2b_update(&S, &data[0], data.shape[0])
+    lm_b2b_final(&S, out)
+    return bytes(out[:outlen])
+
+
+def stride_for(int datagram_bytes):
+    """Chunk payload bytes for a datagram size: ``floor((datagram_bytes - 48) / 16) * 16``."""
+    if datagram_bytes < HEADER_BYTES + MAC_BYTES + 16 or datagram_bytes > 65507:
+        raise ValueError(
+            f"datagram_bytes={datagram_bytes} is out of range: use 64..65507 "
+            "(1472 fits a 1500-byte MTU; 8972 a 9000-byte jumbo MTU)")
+    return ((datagram_bytes - HEADER_BYTES - MAC_BYTES) // 16) * 16
+
+
+def chunk_count(uint64_t nbytes, int stride):
+    """Number of chunks of a message: ``max(1, ceil(nbytes / stride))``."""
+    if nbytes == 0:
+        return 1
+    return <uint64_t>((nbytes + stride - 1) // stride)
+
+
+cdef struct Slot:
+    int state          # 0 free, 1 open, 2 open and complete
+    uint32_t src
+    uint32_t tid
+    uint64_t tag
+    uint8_t dtype
+    uint16_t stride
+    uint32_t count
+    uint64_t nbytes
+    uint8_t *buf
+    uint8_t *bitmap
+    uint32_t nrecv
+    uint64_t dup
+    uint64_t bytes_recv
+
+
+cdef inline uint64_t _mix(uint64_t x) nogil:
+    x ^= x >> 30
+    x *= 0xbf58476d1ce4e5b9ULL
+    x ^= x >> 27
+    x *= 0x94d049bb133111ebULL
+    x ^= x >> 31
+    return x
+
+
+cdef class Core:
+    """The datagram engine of one endpoint (one UDP socket, one rank).
+
+    Not thread-safe for concurrent ``progress``/``post``/``close`` calls; ``send`` may run in another
+    thread at the same time (it touches only the socket and read-only key state).
+    """
+
+    cdef int fd
+    cdef readonly int rank
+    cdef readonly int nranks
+    cdef readonly bint auth
+    cdef readonly int datagram_bytes
+    cdef readonly int stride
+    cdef public bint gso
+    cdef public bint check_address
+    cdef lm_b2b_state *keys
+    cdef uint8_t *has_key
+    cdef lm_addr *peers
+    cdef uint8_t *has_peer
+    # posted receives
+    cdef Slot *slots
+    cdef int nslots
+    cdef int *done_list
+    cdef int ndone
+    cdef object slot_refs
+    # completed tags: (src << 32 | tid) + 1 -> highest completed tag + 1
+    cdef uint64_t *cm_keys
+    cdef uint64_t *cm_vals
+    cdef size_t cm_cap
+    cdef size_t cm_n
+    # unexpected-datagram pool
+    cdef uint8_t *pool
+    cdef uint8_t *pool_used
+    cdef uint32_t *pool_len
+    cdef uint32_t *pool_src
+    cdef uint32_t *pool_tid
+    cdef uint64_t *pool_tag
+    cdef uint32_t *pool_free
+    cdef uint32_t *pool_per_src
+    cdef uint32_t pool_nfree
+    cdef uint32_t pool_n
+    cdef uint32_t pool_entry
+    cdef uint32_t pool_quota
+    # receive staging
+    cdef mmsghdr *rmsgs
+    cdef iovec *riov
+    cdef uint8_t *rbufs
+    cdef char *rctrl
+    cdef lm_addr *raddrs
+    # counters
+    cdef readonly uint64_t datagrams
+    cdef readonly uint64_t accepted
+    cdef readonly uint64_t duplicates
+    cdef readonly uint64_t stale
+    cdef readonly uint64_t overflow
+    cdef readonly uint64_t pooled
+    cdef readonly int last_errno
+    cdef uint64_t rejects[N_REASONS]
+    cdef uint64_t *rejected_src
+    cdef uint64_t *stale_src
+
+    def __cinit__(self, int fd, int rank, int nranks, *, bint auth=True, int datagram_bytes=1472,
+                  bint gso=False, int max_slots=1024, uint64_t unexpected_bytes=64 << 20,
+                  bint check_address=False):
+        cdef int i
+        if nranks < 1 or not 0 <= rank < nranks:
+            raise ValueError(f"rank {rank} is not in [0, {nranks})")
+        if max_slots < 1:
+            raise ValueError("max_slots must be >= 1")
+        self.stride = stride_for(datagram_bytes)
+        self.fd = fd
+        self.rank = rank
+        self.nranks = nranks
+        self.auth = auth
+        self.datagram_bytes = datagram_bytes
+        self.gso = gso
+        self.check_address = check_address
+        self.keys = <lm_b2b_state *>calloc(nranks, sizeof(lm_b2b_state))
+        self.has_key = <uint8_t *>calloc(nranks, 1)
+        self.peers = <lm_addr *>calloc(nranks, sizeof(lm_addr))
+        self.has_peer = <uint8_t *>calloc(nranks, 1)
+        self.rejected_src = <uint64_t *>calloc(nranks, sizeof(uint64_t))
+        self.stale_src = <uint64_t *>calloc(nranks, sizeof(uint64_t))
+        self.nslots = max_slots
+        self.slots = <Slot *>calloc(max_slots, sizeof(Slot))
+        self.done_list = <int *>calloc(max_slots, sizeof(int))
+        self.slot_refs = [None] * max_slots
+        self.cm_cap = 256
+        self.cm_keys = <uint64_t *>calloc(self.cm_cap, sizeof(uint64_t))
+        self.cm_vals = <uint64_t *>calloc(self.cm_cap, sizeof(uint64_t))
+        self.pool_entry = <uint32_t>datagram_bytes
+        self.pool_n = <uint32_t>max(16, unexpected_bytes // datagram_bytes)
+        self.pool_quota = max(16, self.pool_n // max(1, nranks - 1))
+        self.pool = <uint8_t *>malloc(<size_t>self.pool_n * self.pool_entry)
+        self.pool_used = <uint8_t *>calloc(self.pool_n, 1)
+        self.pool_len = <uint32_t *>calloc(self.pool_n, sizeof(uint32_t))
+        self.pool_src = <uint32_t *>calloc(self.pool_n, sizeof(uint32_t))
+        self.pool_tid = <uint32_t *>calloc(self.pool_n, sizeof(uint32_t))
+        self.pool_tag = <uint64_t *>calloc(self.pool_n, sizeof(uint64_t))
+        self.pool_free = <uint32_t *>calloc(self.pool_n, sizeof(uint32_t))
+        self.pool_per_src = <uint32_t *>calloc(nranks, sizeof(uint32_t))
+        self.rmsgs = <mmsghdr *>calloc(RECV_BATCH, sizeof(mmsghdr))
+        self.riov = <iovec *>calloc(RECV_BATCH, sizeof(iovec))
+        self.rbufs = <uint8_t *>malloc(<size_t>RECV_BATCH * RECV_BUF)
+        self.rctrl = <char *>calloc(RECV_BATCH, LM_CTRL_BYTES)
+        self.raddrs = <lm_addr *>calloc(RECV_BATCH, sizeof(lm_addr))
+        if (self.keys == NULL or self.has_key == NULL or self.peers == NULL or self.has_peer == NULL
+                or self.slots == NULL or self.done_list == NULL or self.cm_keys == NULL
+                or self.cm_vals == NULL or self.pool == NULL or self.pool_used == NULL
+                or self.pool_len == NULL or self.pool_src == NULL or self.pool_tid == NULL
+                or self.pool_tag == NULL or self.pool_free == NULL or self.pool_per_src == NULL
+                or self.rmsgs == NULL or self.riov == NULL or self.rbufs == NULL
+                or self.rctrl == NULL or self.raddrs == NULL or self.rejected_src == NULL
+                or self.stale_src == NULL):
+            raise MemoryError("lossympi core: cannot allocate buffers (lower unexpected_bytes?)")
+        for i in range(<int>self.pool_n):
+            self.pool_free[i] = self.pool_n - 1 - i
+        self.pool_nfree = self.pool_n
+        for i in range(RECV_BATCH):
+            self.riov[i].iov_base = self.rbufs + <size_t>i * RECV_BUF
+            self.riov[i].iov_len = RECV_BUF
+        memset(self.rejects, 0, sizeof(self.rejects))
+
+    def __dealloc__(self):
+        free(self.keys); free(self.has_key); free(self.peers); free(self.has_peer)
+        free(self.slots); free(self.done_list); free(self.cm_keys); free(self.cm_vals)
+        free(self.pool); free(self.pool_used); free(self.pool_len); free(self.pool_src)
+        free(self.pool_tid); free(self.pool_tag); free(self.pool_free); free(self.pool_per_src)
+        free(self.rmsgs); free(self.riov); free(self.rbufs); free(self.rctrl); free(self.raddrs)
+        free(self.rejected_src); free(self.stale_src)
+
+    # ------------------------------------------------------------------ configuration
+    def set_key(self, int peer, bytes key):
+        """Install the 32-byte pair key shared with ``peer``."""
+        self._check_rank(peer)
+        if len(key) != 32:
+            raise ValueError(f"pair key for rank {peer} must be 32 bytes, got {len(key)}")
+        cdef const uint8_t *k = key
+        lm_b2b_init_key(&self.keys[peer], MAC_BYTES, k, 32)
+        lm_b2b_prepare(&self.keys[peer])
+        self.has_key[peer] = 1
+
+    def set_peer(self, int peer, bytes ip4, int port):
+        """Set the UDP address of ``peer`` (``ip4``: 4 bytes as from ``socket.inet_aton``)."""
+        self._check_rank(peer)
+        if len(ip4) != 4 or not 0 < port < 65536:
+            raise ValueError("peer address must be 4 IPv4 bytes and a port in 1..65535")
+        cdef uint32_t ip
+        memcpy(&ip, <const char *>ip4, 4)
+        lm_addr_set(&self.peers[peer], ip, <uint16_t>port)
+        self.has_peer[peer] = 1
+
+    cdef _check_rank(self, int peer):
+        if not 0 <= peer < self.nranks:
+            raise ValueError(f"rank {peer} is not in [0, {self.nranks})")
+
+    # ------------------------------------------------------------------ statistics
+    def rejects_by_reason(self):
+        return {REJECT_REASONS[i]: int(self.rejects[i]) for i in range(N_REASONS)}
+
+    def rejected_from(self, int peer):
+        self._check_rank(peer)
+        return int(self.rejected_src[peer])
+
+    def stale_from(self, int peer):
+        self._check_rank(peer)
+        return int(self.stale_src[peer])
+
+    @property
+    def pool_in_use(self):
+        return int(self.pool_n - self.pool_nfree)
+
+    # ------------------------------------------------------------------ completed-tag map
+    cdef uint64_t _cm_get(self, uint32_t src, uint32_t tid) noexcept nogil:
+        cdef uint64_t key = ((<uint64_t>src << 32) | tid) + 1
+        cdef size_t mask = self.cm_cap - 1
+        cdef size_t i = _mix(key) & mask
+        while self.cm_keys[i] != 0:
+            if self.cm_keys[i] == key:
+                return self.cm_vals[i]
+            i = (i + 1) & mask
+        return 0
+
+    cdef int _cm_put(self, uint64_t key, uint64_t val) noexcept nogil:
+        cdef size_t mask = self.cm_cap - 1
+        cdef size_t i = _mix(key) & mask
+        while self.cm_keys[i] != 0:
+            if self.cm_keys[i] == key:
+                if val > self.cm_vals[i]:
+                    self.cm_vals[i] = val
+                return 0
+            i = (i + 1) & mask
+        self.cm_keys[i] = key
+        self.cm_vals[i] = val
+        self.cm_n += 1
+        return 0
+
+    cdef int _cm_set(self, uint32_t src, uint32_t tid, uint64_t tag) noexcept nogil:
+        cdef uint64_t *ok
+        cdef uint64_t *ov
+        cdef size_t ocap, i
+        if (self.cm_n + 1) * 2 > self.cm_cap:
+            ok = self.cm_keys
+            ov = self.cm_vals
+            ocap = self.cm_cap
+            self.cm_keys = <uint64_t *>calloc(ocap * 2, sizeof(uint64_t))
+            self.cm_vals = <uint64_t *>calloc(ocap * 2, sizeof(uint64_t))
+            if self.cm_keys == NULL or self.cm_vals == NULL:
+                free(self.cm_keys); free(self.cm_vals)
+                self.cm_keys = ok
+                self.cm_vals = ov
+                return -1
+            self.cm_cap = ocap * 2
+            self.cm_n = 0
+            for i in range(ocap):
+                if ok[i] != 0:
+                    self._cm_put(ok[i], ov[i])
+            free(ok); free(ov)
+        return self._cm_put(((<uint64_t>src << 32) | tid) + 1, tag + 1)
+
+    def completed_tag(self, int src, uint32_t tid):
+        """Highest tag completed for ``(src, tid)``, or -1."""
+        self._check_rank(src)
+        return int(self._cm_get(src, tid)) - 1
+
+    # ------------------------------------------------------------------ receive path
+    cdef inline void _reject(self, int reason, int64_t src) noexcept nogil:
+        self.rejects[reason] += 1
+        if src >= 0:
+            self.rejected_src[src] += 1
+
+    cdef int _find_slot(self, uint32_t src, uint64_t tag, uint32_t tid) noexcept nogil:
+        cdef int i
+        for i in range(self.nslots):
+            if (self.slots[i].state != 0 and self.slots[i].src == src and self.slots[i].tag == tag
+                    and self.slots[i].tid == tid):
+                return i
+        return -1
+
+    cdef void _deliver(self, int s, const uint8_t *d, uint32_t plen) noexcept nogil:
+        """Step 7 of docs/protocol.md: shape checks, then the only write into a user buffer."""
+        cdef Slot *sl = &self.slots[s]
+        cdef uint32_t index = lm_ld32(d + 20)
+        cdef uint32_t count = lm_ld32(d + 24)
+        cdef uint16_t stride = lm_ld16(d + 30)
+        cdef uint64_t expect
+        if d[2] != sl.dtype or count != sl.count or stride != sl.stride or index >= count:
+            self._reject(R_SHAPE, sl.src)
+            return
+        if index + 1 < count:
+            expect = stride
+        else:
+            expect = sl.nbytes - <uint64_t>stride * (count - 1)
+        if plen != expect:
+            self._reject(R_SHAPE, sl.src)
+            return
+        if sl.bitmap[index >> 3] & (1 << (index & 7)):
+            sl.dup += 1
+            self.duplicates += 1
+            return
+        if plen:
+            memcpy(sl.buf + <uint64_t>index * stride, d + HEADER_BYTES, plen)
+        sl.bitmap[index >> 3] |= <uint8_t>(1 << (index & 7))
+        sl.nrecv += 1
+        sl.bytes_recv += plen
+        self.accepted += 1
+        if sl.nrecv == sl.count and sl.state == 1:
+            sl.state = 2
+            self.done_list[self.ndone] = s
+            self.ndone += 1
+
+    cdef void _pool_put(self, const uint8_t *d, uint32_t L, uint32_t src, uint64_t tag,
+                        uint32_t tid) noexcept nogil:
+        cdef uint32_t e
+        if L > self.pool_entry or self.pool_nfree == 0 or self.pool_per_src[src] >= self.pool_quota:
+            self.overflow += 1
+            return
+        self.pool_nfree -= 1
+        e = self.pool_free[self.pool_nfree]
+        memcpy(self.pool + <size_t>e * self.pool_entry, d, L)
+        self.pool_used[e] = 1
+        self.pool_len[e] = L
+        self.pool_src[e] = src
+        self.pool_tid[e] = tid
+        self.pool_tag[e] = tag
+        self.pool_per_src[src] += 1
+        self.pooled += 1
+
+    cdef inline void _pool_release(self, uint32_t e) noexcept nogil:
+        self.pool_used[e] = 0
+        self.pool_per_src[self.pool_src[e]] -= 1
+        self.pool_free[self.pool_nfree] = e
+        self.pool_nfree += 1
+
+    cdef void _pool_drain(self, int s) noexcept nogil:
+        """Hand the pooled datagrams of slot ``s``'s message to it."""
+        cdef uint32_t e
+        cdef Slot *sl = &self.slots[s]
+        cdef const uint8_t *d
+        if self.pool_nfree == self.pool_n:
+            return
+        for e in range(self.pool_n):
+            if (self.pool_used[e] and self.pool_src[e] == sl.src and self.pool_tid[e] == sl.tid
+                    and self.pool_tag[e] == sl.tag):
+                d = self.pool + <size_t>e * self.pool_entry
+                self._deliver(s, d, lm_ld16(d + 28))
+                self._pool_release(e)
+
+    cdef void _pool_purge(self, uint32_t src, uint32_t tid, uint64_t upto) noexcept nogil:
+        cdef uint32_t e
+        if self.pool_nfree == self.pool_n:
+            return
+        for e in range(self.pool_n):
+            if (self.pool_used[e] and self.pool_src[e] == src and self.pool_tid[e] == tid
+                    and self.pool_tag[e] <= upto):
+                self._pool_release(e)
+                self.stale += 1
+                self.stale_src[src] += 1
+
+    cdef void _handle(self, const uint8_t *d, uint32_t L, const lm_addr *frm) noexcept nogil:
+        """Validate one datagram (docs/protocol.md, steps 1-7) and dispatch it."""
+        cdef uint32_t src, tid, plen, maclen
+        cdef uint64_t tag, done
+        cdef uint8_t mac[MAC_BYTES]
+        cdef int s
+        self.datagrams += 1
+        if L < HEADER_BYTES:
+            self._reject(R_SHORT, -1)
+            return
+        if d[0] != VERSION or d[1] != KIND_DATA or (d[3] & ~FLAG_MAC) != 0:
+            self._reject(R_HEADER, -1)
+            return
+        src = lm_ld32(d + 4)
+        if src >= <uint32_t>self.nranks:
+            self._reject(R_RANK, -1)
+            return
+        if self.check_address and self.has_peer[src] and not lm_addr_eq(frm, &self.peers[src]):
+            self._reject(R_RANK, src)
+            return
+        plen = lm_ld16(d + 28)
+        maclen = MAC_BYTES if (d[3] & FLAG_MAC) else 0
+        if HEADER_BYTES + plen + maclen != L:
+            self._reject(R_SIZE, src)
+            return
+        if self.auth:
+            if maclen == 0 or not self.has_key[src]:
+                self._reject(R_MAC, src)
+                return
+            lm_mac2(&self.keys[src], d, HEADER_BYTES + plen, NULL, 0, mac)
+            if not lm_ct_equal(mac, d + HEADER_BYTES + plen, MAC_BYTES):
+                self._reject(R_MAC, src)
+                return
+        tag = lm_ld64(d + 8)
+        tid = lm_ld32(d + 16)
+        s = self._find_slot(src, tag, tid)
+        if s >= 0:
+            self._deliver(s, d, plen)
+            return
+        done = self._cm_get(src, tid)
+        if done != 0 and tag < done:
+            self.stale += 1
+            self.stale_src[src] += 1
+            return
+        self._pool_put(d, L, src, tag, tid)
+
+    cdef int _progress(self, int budget) noexcept nogil:
+        cdef int n, i, total = 0, seg, err
+        cdef uint32_t L, off, sl
+        cdef msghdr *h
+        cdef uint8_t *buf
+        while total < budget:
+            for i in range(RECV_BATCH):
+                h = &self.rmsgs[i].msg_hdr
+                h.msg_name = &self.raddrs[i]
+                h.msg_namelen = sizeof(lm_addr)
+                h.msg_iov = &self.riov[i]
+                h.msg_iovlen = 1
+                h.msg_control = self.rctrl + <size_t>i * LM_CTRL_BYTES
+                h.msg_controllen = LM_CTRL_BYTES
+                h.msg_flags = 0
+            n = recvmmsg(self.fd, self.rmsgs, RECV_BATCH, MSG_DONTWAIT, NULL)
+            if n < 0:
+                err = lm_errno()
+                if err == EINTR:
+                    continue
+                if err != EAGAIN and err != EWOULDBLOCK:
+                    self.last_errno = err
+                break
+            for i in range(n):
+                h = &self.rmsgs[i].msg_hdr
+                L = self.rmsgs[i].msg_len
+                buf = self.rbufs + <size_t>i * RECV_BUF
+                if h.msg_flags & MSG_TRUNC:
+                    self.datagrams += 1
+                    self._reject(R_SIZE, -1)
+                    continue
+                seg = lm_msg_gro_size(h)
+                if seg <= 0 or <uint32_t>seg > L:
+                    seg = L
+                if L == 0:
+                    self.datagrams += 1
+                    self._reject(R_SHORT, -1)
+                    continue
+                off = 0
+                while off < L:
+                    sl = L - off
+                    if sl > <uint32_t>seg:
+                        sl = seg
+                    self._handle(buf + off, sl, &self.raddrs[i])
+                    off += sl
+            total += n
+            if n < RECV_BATCH:
+                break
+        return total
+
+    def progress(self, int budget=4096):
+        """Read and process queued datagrams, at most about ``budget``; never blocks.
+
+        Returns the list of slot ids whose message became complete.
+        """
+        cdef int i
+        with nogil:
+            self._progress(budget)
+        if self.ndone == 0:
+            return []
+        out = [self.done_list[i] for i in range(self.ndone)]
+        self.ndone = 0
+        return out
+
+    def post(self, int src, uint64_t tag, uint32_t tid, uint8_t[::1] buf, uint8_t[::1] bitmap,
+             int dtype_code, object ref=None):
+        """Post a receive of message ``(src, tag, tid)`` into ``buf``; returns its slot id.
+
+        ``bitmap`` (``ceil(count / 8)`` zeroed bytes) records the chunks that arrive. ``ref`` is kept
+        alive while the slot is open (the owner of ``buf``). Datagrams already pooled for this message
+        are delivered at once; the slot may thus be complete on return (see ``is_complete``).
+        """
+        cdef int s, i
+        cdef uint64_t nbytes = buf.shape[0]
+        cdef uint64_t count = chunk_count(nbytes, self.stride)
+        self._check_rank(src)
+        if count > 0xFFFFFFFF:
+            raise ValueError(f"message of {nbytes} bytes needs more than 2**32 chunks")
+        if <uint64_t>bitmap.shape[0] * 8 < count:
+            raise ValueError("bitmap too small")
+        if not 1 <= dtype_code <= 255:
+            raise ValueError("bad dtype code")
+        cdef uint64_t done = self._cm_get(src, tid)
+        if done != 0 and tag < done:
+            raise ValueError(
+                f"tag {tag} from rank {src} (tensor {tid}) is not newer than the last completed tag "
+                f"{done - 1}: tags must increase per (peer, tensor_id); pass tag=None to number "
+                "messages automatically")
+        if self._find_slot(src, tag, tid) >= 0:
+            raise ValueError(f"a receive of tag {tag} from rank {src} (tensor {tid}) is already posted")
+        s = -1
+        for i in range(self.nslots):
+            if self.slots[i].state == 0:
+                s = i
+                break
+        if s < 0:
+            raise RuntimeError(f"too many receives posted at once (max_slots={self.nslots})")
+        memset(&bitmap[0], 0, bitmap.shape[0])
+        self.slots[s].state = 1
+        self.slots[s].src = src
+        self.slots[s].tid = tid
+        self.slots[s].tag = tag
+        self.slots[s].dtype = <uint8_t>dtype_code
+        self.slots[s].stride = <uint16_t>self.stride
+        self.slots[s].count = <uint32_t>count
+        self.slots[s].nbytes = nbytes
+        self.slots[s].buf = &buf[0] if nbytes > 0 else NULL
+        self.slots[s].bitmap = &bitmap[0]
+        self.slots[s].nrecv = 0
+        self.slots[s].dup = 0
+        self.slots[s].bytes_recv = 0
+        self.slot_refs[s] = (ref, buf, bitmap)
+        with nogil:
+            self._pool_drain(s)
+        return s
+
+    def is_complete(self, int s):
+        return 0 <= s < self.nslots and self.slots[s].state == 2
+
+    def take_done(self):
+        """Slot ids completed since the last ``progress``/``take_done`` call."""
+        cdef int i
+        out = [self.done_list[i] for i in range(self.ndone)]
+        self.ndone = 0
+        return out
+
+    def close(self, int s):
+        """Close slot ``s``: no datagram writes into its buffer after this returns.
+
+        Returns ``(chunks_received, duplicates, bytes_received)``.
+        """
+        if not 0 <= s < self.nslots or self.slots[s].state == 0:
+            raise ValueError(f"slot {s} is not open")
+        cdef Slot *sl = &self.slots[s]
+        out = (int(sl.nrecv), int(sl.dup), int(sl.bytes_recv))
+        if self._cm_set(sl.src, sl.tid, sl.tag) != 0:
+            raise MemoryError("lossympi core: cannot grow the completed-tag table")
+        with nogil:
+            self._pool_purge(sl.src, sl.tid, sl.tag)
+        sl.state = 0
+        sl.buf = NULL
+        sl.bitmap = NULL
+        self.slot_refs[s] = None
+        return out
+
+    # ------------------------------------------------------------------ send path
+    def send(self, int dst, const uint8_t[::1] data, int dtype_code, uint64_t tag, uint32_t tid,
+             const uint32_t[::1] indices=None, bint corrupt=False, double rate_bps=0.0,
+             uint64_t burst_bytes=0):
+        """Send chunks of ``data`` to rank ``dst``; returns the number of datagrams sent.
+
+        ``indices`` lists the chunks to send, in order (default: all, ascending). ``corrupt`` flips one
+        payload bit of every datagram after its MAC is computed (fault injection). ``rate_bps`` > 0
+        paces the sender to that many bits per second, with at most ``burst_bytes`` ahead of schedule.
+        Runs without the GIL.
+        """
+        self._check_rank(dst)
+        if not self.has_peer[dst]:
+            raise ValueError(f"no address for rank {dst}")
+        if self.auth and not self.has_key[dst]:
+            raise ValueError(f"no pair key for rank {dst} (authentication is on)")
+        if not 1 <= dtype_code <= 255:
+            raise ValueError("bad dtype code")
+        cdef uint64_t nbytes = data.shape[0]
+        cdef uint64_t count = chunk_count(nbytes, self.stride)
+        if count > 0xFFFFFFFF:
+            raise ValueError(f"message of {nbytes} bytes needs more than 2**32 chunks")
+        cdef uint64_t nidx
+        cdef const uint32_t *idx = NULL
+        cdef uint64_t j
+        if indices is None:
+            nidx = count
+        else:
+            nidx = indices.shape[0]
+            if nidx:
+                idx = &indices[0]
+            for j in range(nidx):
+                if idx[j] >= count:
+                    raise ValueError(f"chunk index {idx[j]} out of range [0, {count})")
+        cdef const uint8_t *base = &data[0] if nbytes > 0 else NULL
+        cdef int64_t r
+        with nogil:
+            r = self._send(dst, base, nbytes, <uint8_t>dtype_code, tag, tid, <uint32_t>count, idx,
+                           nidx, corrupt, rate_bps, burst_bytes)
+        if r < 0:
+            import errno as _errno
+            import os as _os
+            raise OSError(-r, f"lossympi send to rank {dst} failed: {_os.strerror(-r)}")
+        return r
+
+    cdef int64_t _send(self, int dst, const uint8_t *base, uint64_t nbytes, uint8_t dtype,
+                       uint64_t tag, uint32_t tid, uint32_t count, const uint32_t *idx,
+                       uint64_t nidx, bint corrupt, double rate_bps,
+                       uint64_t burst_bytes) noexcept nogil:
+        cdef int maclen = MAC_BYTES if self.auth else 0
+        cdef int seg_full = HEADER_BYTES + self.stride + maclen
+        cdef int segs_per_msg = 1
+        cdef int max_segs = SEND_MSGS * MAX_GSO_SEGS
+        cdef uint8_t *hm = <uint8_t *>malloc(<size_t>max_segs * (HEADER_BYTES + MAC_BYTES))
+        cdef uint8_t *cbuf = NULL
+        cdef iovec *iov = <iovec *>malloc(<size_t>max_segs * 3 * sizeof(iovec))
+        cdef mmsghdr *msgs = <mmsghdr *>calloc(SEND_MSGS, sizeof(mmsghdr))
+        cdef char *ctrl = <char *>calloc(SEND_MSGS, LM_CTRL_BYTES)
+        cdef uint64_t pos = 0, sent = 0, sent_bytes = 0, batch_bytes, t0, now, due
+        cdef int nm, ns, k, r, err, done, retry_nogso
+        cdef uint32_t ci, plen
+        cdef uint8_t *h
+        cdef const uint8_t *payload
+        cdef int64_t result = 0
+        cdef double ns_per_byte = 0.0
+        if hm == NULL or iov == NULL or msgs == NULL or ctrl == NULL:
+            free(hm); free(iov); free(msgs); free(ctrl)
+            return -12
+        if corrupt:
+            cbuf = <uint8_t *>malloc(<size_t>max_segs * self.stride + 1)
+            if cbuf == NULL:
+                free(hm); free(iov); free(msgs); free(ctrl)
+                return -12
+        if rate_bps > 0:
+            ns_per_byte = 8e9 / rate_bps
+            if burst_bytes == 0:
+                burst_bytes = 256 * 1024
+        t0 = lm_now_ns()
+        while pos < nidx:
+            if self.gso and not corrupt:
+                segs_per_msg = GSO_MAX_BYTES // seg_full
+                if segs_per_msg > MAX_GSO_SEGS:
+                    segs_per_msg = MAX_GSO_SEGS
+                if segs_per_msg < 1:
+                    segs_per_msg = 1
+            else:
+                segs_per_msg = 1
+            # Build up to SEND_MSGS messages of up to segs_per_msg segments each.
+            nm = 0
+            ns = 0
+            batch_bytes = 0
+            while nm < SEND_MSGS and pos < nidx:
+                if rate_bps > 0 and batch_bytes > 0 and batch_bytes + seg_full > burst_bytes:
+                    break
+                msgs[nm].msg_hdr.msg_name = &self.peers[dst]
+                msgs[nm].msg_hdr.msg_namelen = sizeof(lm_addr)
+                msgs[nm].msg_hdr.msg_iov = &iov[ns * 3]
+                msgs[nm].msg_hdr.msg_control = NULL
+                msgs[nm].msg_hdr.msg_controllen = 0
+                msgs[nm].msg_hdr.msg_flags = 0
+                k = 0
+                while k < segs_per_msg and pos < nidx:
+                    ci = idx[pos] if idx != NULL else <uint32_t>pos
+                    plen = self.stride if ci + 1 < count else <uint32_t>(nbytes - <uint64_t>self.stride * (count - 1))
+                    # With GSO every segment but the last of a message must be full-sized.
+                    if k > 0 and <int>(HEADER_BYTES + plen + maclen) != seg_full:
+                        break
+                    h = hm + <size_t>ns * (HEADER_BYTES + MAC_BYTES)
+                    h[0] = VERSION
+                    h[1] = KIND_DATA
+                    h[2] = dtype
+                    h[3] = FLAG_MAC if self.auth else 0
+                    lm_st32(h + 4, <uint32_t>self.rank)
+                    lm_st64(h + 8, tag)
+                    lm_st32(h + 16, tid)
+                    lm_st32(h + 20, ci)
+                    lm_st32(h + 24, count)
+                    lm_st16(h + 28, <uint16_t>plen)
+                    lm_st16(h + 30, <uint16_t>self.stride)
+                    payload = base + <uint64_t>ci * self.stride if plen else h
+                    if self.auth:
+                        lm_mac2(&self.keys[dst], h, HEADER_BYTES, payload, plen, h + HEADER_BYTES)
+                    if corrupt:
+                        if plen:
+                            memcpy(cbuf + <size_t>ns * self.stride, payload, plen)
+                            cbuf[<size_t>ns * self.stride + plen // 2] ^= 0x10
+                            payload = cbuf + <size_t>ns * self.stride
+                        elif self.auth:
+                            h[HEADER_BYTES] ^= 0x10
+                        else:
+                            h[8] ^= 0x10
+                    iov[ns * 3].iov_base = h
+                    iov[ns * 3].iov_len = HEADER_BYTES
+                    iov[ns * 3 + 1].iov_base = <void *>payload
+                    iov[ns * 3 + 1].iov_len = plen
+                    iov[ns * 3 + 2].iov_base = h + HEADER_BYTES
+                    iov[ns * 3 + 2].iov_len = maclen
+                    ns += 1
+                    k += 1
+                    pos += 1
+                    batch_bytes += HEADER_BYTES + plen + maclen
+                    if plen != <uint32_t>self.stride:
+                        break
+                msgs[nm].msg_hdr.msg_iovlen = k * 3
+                if segs_per_msg > 1 and k > 1:
+                    lm_msg_set_gso(&msgs[nm].msg_hdr, ctrl + <size_t>nm * LM_CTRL_BYTES, <uint16_t>seg_full)
+                nm += 1
+            # Pace: wait until this batch fits in the token bucket.
+            if rate_bps > 0:
+                due = t0 + <uint64_t>(sent_bytes * ns_per_byte)
+                now = lm_now_ns()
+                if due > now + <uint64_t>(burst_bytes * ns_per_byte):
+                    lm_sleep_ns(due - now - <uint64_t>(burst_bytes * ns_per_byte))
+            done = 0
+            retry_nogso = 0
+            while done < nm:
+                r = sendmmsg(self.fd, msgs + done, nm - done, 0)
+                if r < 0:
+                    err = lm_errno()
+                    if err == EINTR:
+                        continue
+                    if err == EAGAIN or err == EWOULDBLOCK:
+                        lm_wait_writable(self.fd, 10)
+                        continue
+                    if err == ENOBUFS:
+                        lm_sleep_ns(50000)
+                        continue
+                    if (err == EIO or err == EINVAL or err == EMSGSIZE) and segs_per_msg > 1:
+                        # The path refuses GSO: fall back to one datagram per message, resend batch.
+                        self.gso = False
+                        retry_nogso = 1
+                        break
+                    if err == EPERM or err == ECONNREFUSED:
+                        # Dropped by a local firewall rule or an ICMP error: the datagram is lost.
+                        done += 1
+                        continue
+                    result = -err
+                    break
+                done += r
+            if result < 0:
+                break
+            if retry_nogso:
+                # Rewind to the first chunk of this batch and rebuild without GSO.
+                pos -= ns
+                continue
+            sent += ns
+            sent_bytes += batch_bytes
+        free(hm); free(iov); free(msgs); free(ctrl); free(cbuf)
+        if result < 0:
+            return result
+        return <int64_t>sent
