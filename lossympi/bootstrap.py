@@ -973,8 +973,8 @@ def _join_once(
             reply = _recv_frame(sock, MAX_HELLO_BYTES + 256 * cfg.size)
         except TimeoutError:
             raise TimeoutError(
-                f"rank {cfg.rank}: joined the rendezvous at {cfg.rdzv_host}:{cfg.rdzv_port} but the other ranks "
-                f"did not all join in time"
+                f"rank {cfg.rank}: joined the rendezvous at {cfg.rdzv_host}:{cfg.rdzv_port} but the other "
+                f"ranks did not all join in time"
             ) from None
         except (OSError, EOFError, _ProtocolError) as exc:
             raise _Retry(f"waiting for the table: {exc}") from None
@@ -1160,8 +1160,9 @@ def init(method: str = "auto", **kw: Any) -> World:
             raise RuntimeError(
                 "lossympi cannot tell how this process was launched. Either run it under MPI, e.g. "
                 "'mpiexec -n 4 python train.py', or set on every process "
-                f"{ENV_RANK}, {ENV_WORLD_SIZE}, {ENV_RENDEZVOUS}=<rank 0 host>:<tcp port> and {ENV_SECRET}=<shared "
-                "random string> (env:// rendezvous), or call init('local') for a single process."
+                f"{ENV_RANK}, {ENV_WORLD_SIZE}, {ENV_RENDEZVOUS}=<rank 0 host>:<tcp port> and "
+                f"{ENV_SECRET}=<shared random string> (env:// rendezvous), or call init('local') for a "
+                "single process."
             )
     if method == "env":
         return from_env(**kw)

@@ -234,7 +234,7 @@ class Endpoint:
             raise ValueError(f"addresses has {len(addresses)} entries for a world of size {size}")
         if auth and keys is None:
             raise ValueError("auth=True needs pair keys (keys=...); pass auth=False explicitly on a trusted network")
-        check_policy(fill, np.dtype(np.float32)) if fill != "nan" else None
+        check_policy(fill, np.dtype(np.float32))
         self.rank = rank
         self.size = size
         self.sock = sock

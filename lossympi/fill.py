@@ -14,13 +14,13 @@ in place. The names, and the distribution of ``random`` (the policy of AggregaTh
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 
 FillName = Literal["random", "zero", "nan", "last"]
 FillFn = Callable[[np.ndarray, np.ndarray], None]
-FillPolicy = Union[FillName, FillFn]
+FillPolicy = FillName | FillFn
 FILL_NAMES: tuple[str, ...] = ("random", "zero", "nan", "last")
 
 __all__ = ["FILL_NAMES", "FillPolicy", "check_policy", "apply_fill"]
