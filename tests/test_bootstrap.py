@@ -439,7 +439,7 @@ def test_lossympi_bootstrap_does_not_import_tensorflow() -> None:
 # ------------------------------------------------------------------------------------------------------
 
 
-def test_from_mpi_under_mpiexec() -> None:
+def test_from_mpi_under_mpiexec(tmp_path: Path) -> None:
     mpiexec = Path(sys.executable).parent / "mpiexec"
     if not mpiexec.exists():
         found = shutil.which("mpiexec")
@@ -455,7 +455,14 @@ def test_from_mpi_under_mpiexec() -> None:
     size = 3
     try:
         out = subprocess.run(
-            [str(mpiexec), "-n", str(size), sys.executable, str(ROOT / "tests" / "mpi_bootstrap_prog.py")],
+            [
+                str(mpiexec),
+                "-n",
+                str(size),
+                sys.executable,
+                str(ROOT / "tests" / "mpi_bootstrap_prog.py"),
+                str(tmp_path),
+            ],
             env=env,
             cwd=ROOT,
             capture_output=True,
@@ -465,11 +472,11 @@ def test_from_mpi_under_mpiexec() -> None:
     except subprocess.TimeoutExpired:
         pytest.fail("mpiexec -n 3 timed out")
     assert out.returncode == 0, f"mpiexec failed:\nstdout:\n{out.stdout}\nstderr:\n{out.stderr}"
-    reports = sorted(
-        (json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")),
-        key=lambda r: r["rank"],
-    )
-    assert [r["rank"] for r in reports] == list(range(size)), out.stdout
+    # one file per rank: the launcher may interleave the ranks' stdout lines
+    files = sorted(tmp_path.glob("rank*.json"))
+    assert len(files) == size, f"expected {size} reports, got {files}; stderr:\n{out.stderr}"
+    reports = sorted((json.loads(f.read_text()) for f in files), key=lambda r: r["rank"])
+    assert [r["rank"] for r in reports] == list(range(size))
     for r in reports:
         assert r["size"] == size
         assert r["addresses"] == reports[0]["addresses"]
