@@ -128,6 +128,7 @@ class _Pending:
     started: float
     stale0: int
     rejected0: int
+    deadline: float = 0.0
     timer: asyncio.TimerHandle | None = None
 
 
@@ -342,24 +343,43 @@ class Endpoint:
         key = (p.peer, p.tensor_id)
         if not complete:
             emask = result.element_mask()
-            apply_fill(p.fill, p.out, emask, last=self._last.get(key), rng=self.rng)
-        if p.fill == "last":
+            last = self._last.get(key)
+            if last is not None and (last.shape != p.out.shape or last.dtype != p.out.dtype):
+                last = None  # the message changed shape: nothing was delivered at these positions
+            try:
+                apply_fill(p.fill, p.out, emask, last=last, rng=self.rng)
+            except Exception as exc:  # a failing fill must fail the receive, not leave it hanging
+                if not p.future.done():
+                    p.future.set_exception(exc)
+                return
+        if isinstance(p.fill, str) and p.fill == "last":
             self._last[key] = p.out.copy()
         if not p.future.done():
             p.future.set_result(result)
 
     def _on_deadline(self, slot: int) -> None:
+        p = self._pending.get(slot)
+        if p is None:
+            return
+        remaining = p.deadline - time.monotonic()
+        if remaining > 0 and self._loop is not None:
+            # uvloop's timers have millisecond resolution and may fire early: never end a receive
+            # before its deadline.
+            p.timer = self._loop.call_later(remaining, self._on_deadline, slot)
+            return
         # Take what is queued in the socket before declaring anything lost.
         for s in self.core.progress():
             self._finish(s)
         self._finish(slot)
 
-    def _next_tag(self, table: dict[tuple[int, int], int], peer: int, tid: int, tag: int | None) -> int:
+    def _next_tag(self, table: dict[tuple[int, int], int], peer: int, tid: int, tag: int | None,
+                  commit: bool = True) -> int:
         if tag is None:
             tag = table.get((peer, tid), 0)
         if tag < 0 or tag >= 1 << 64:
             raise ValueError(f"tag {tag} must be in [0, 2**64)")
-        table[(peer, tid)] = tag + 1
+        if commit:
+            table[(peer, tid)] = tag + 1
         return tag
 
     def _check_peer(self, peer: int) -> None:
@@ -399,14 +419,16 @@ class Endpoint:
             deadline = now + float(timeout)
         if not 0 <= tensor_id < 1 << 32:
             raise ValueError(f"tensor_id {tensor_id} must be in [0, 2**32)")
-        tag = self._next_tag(self._recv_tags, peer, tensor_id, tag)
+        tag = self._next_tag(self._recv_tags, peer, tensor_id, tag, commit=False)
         flat = out.reshape(-1).view(np.uint8)
         count = _core.chunk_count(flat.size, self.stride)
         bitmap = np.zeros((count + 7) // 8, np.uint8)
         slot = self.core.post(peer, tag, tensor_id, flat, bitmap, code, out)
+        # Only a successful post consumes the tag (a refused one must not shift the auto numbering).
+        self._recv_tags[(peer, tensor_id)] = tag + 1
         fut = loop.create_future()
         p = _Pending(fut, slot, peer, tag, tensor_id, out, flat, bitmap, count, policy, now,
-                     self.core.stale_from(peer), self.core.rejected_from(peer))
+                     self.core.stale_from(peer), self.core.rejected_from(peer), deadline)
         self._pending[slot] = p
         fut.add_done_callback(lambda f, s=slot: self._cancelled(s) if f.cancelled() else None)
         if self.core.is_complete(slot):

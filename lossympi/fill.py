@@ -77,7 +77,8 @@ def apply_fill(
         rng = rng if rng is not None else np.random.default_rng()
         arrived = out[element_mask]
         if arrived.size:
-            vals = arrived.astype(np.float64, copy=False)
+            with np.errstate(invalid="ignore"):  # signalling NaNs in the payload are not an error
+                vals = arrived.astype(np.float64, copy=False)
             finite = vals[np.isfinite(vals)] if np.issubdtype(out.dtype, np.floating) else vals
             mean = float(finite.mean()) if finite.size else 0.0
             std = float(finite.std()) if finite.size else 1.0
@@ -86,5 +87,10 @@ def apply_fill(
         draws = rng.normal(mean, std, size=k)
         if np.issubdtype(out.dtype, np.integer):
             info = np.iinfo(out.dtype)
-            draws = np.clip(np.rint(draws), info.min, info.max)
+            # float64(2**63 - 1) rounds up to 2**63, which does not fit int64: clip to the largest float
+            # below the maximum, or the cast wraps to the opposite end of the range.
+            hi = np.float64(info.max)
+            if int(hi) > info.max:
+                hi = np.nextafter(hi, -np.inf)
+            draws = np.clip(np.rint(draws), float(info.min), hi)
         out[missing] = draws.astype(out.dtype)

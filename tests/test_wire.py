@@ -1,0 +1,165 @@
+"""The datagram format (lossympi.wire, docs/protocol.md) and the core's arithmetic and MAC."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lossympi import _core, wire
+from lossympi.wire import Header
+
+U8 = st.integers(0, 0xFF)
+U16 = st.integers(0, 0xFFFF)
+U32 = st.integers(0, 0xFFFFFFFF)
+U64 = st.integers(0, 0xFFFFFFFFFFFFFFFF)
+
+headers = st.builds(
+    Header, src=U32, tag=U64, tensor_id=U32, index=U32, count=U32, length=U16, stride=U16,
+    dtype=U8, flags=U8, kind=U8, version=U8,
+)
+
+
+# ---------------------------------------------------------------------------------------------- header
+
+
+def test_constants_match_the_spec():
+    assert wire.HEADER_SIZE == 32 == wire.HEADER.size
+    assert wire.MAC_SIZE == 16
+    assert wire.PROTOCOL_VERSION == 1
+    assert wire.KIND_DATA == 1 and wire.FLAG_MAC == 1
+    assert wire.DEFAULT_DATAGRAM_BYTES == 1500 - 20 - 8
+
+
+@given(headers)
+def test_header_round_trip(h: Header):
+    raw = h.pack()
+    assert len(raw) == 32
+    assert Header.unpack(raw) == h
+    assert Header.unpack(memoryview(raw + b"payload")) == h
+
+
+def test_header_field_offsets_little_endian():
+    h = Header(src=0x04030201, tag=0x0C0B0A0908070605, tensor_id=0x100F0E0D, index=0x14131211,
+               count=0x18171615, length=0x1A19, stride=0x1C1B, dtype=0x1D, flags=0x1E, kind=0x1F,
+               version=0x20)
+    raw = h.pack()
+    assert raw[0] == 0x20 and raw[1] == 0x1F and raw[2] == 0x1D and raw[3] == 0x1E
+    assert raw[4:32] == bytes(range(1, 29))
+
+
+def test_header_defaults_and_short_unpack():
+    h = Header(src=1, tag=2, tensor_id=3, index=4, count=5, length=6, stride=16)
+    assert (h.version, h.kind, h.flags, h.dtype) == (1, 1, wire.FLAG_MAC, wire.DTYPE_CODES["float32"])
+    with pytest.raises(ValueError, match="32 bytes"):
+        Header.unpack(h.pack()[:31])
+
+
+def test_pack_datagram_layout():
+    key = bytes(range(32))
+    h = Header(src=1, tag=9, tensor_id=0, index=0, count=1, length=5, stride=1424)
+    d = wire.pack_datagram(h, b"hello", key)
+    assert len(d) == 32 + 5 + 16
+    assert d[:32] == h.pack() and d[32:37] == b"hello"
+    assert d[37:] == hashlib.blake2b(d[:37], key=key, digest_size=16).digest()
+    assert wire.pack_datagram(h, b"hello", None) == h.pack() + b"hello"
+
+
+# ---------------------------------------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize("db,stride", [(1472, 1424), (8972, 8912), (65507, 65456), (64, 16), (79, 16), (80, 32)])
+def test_stride_for(db, stride):
+    assert wire.stride_for(db) == stride
+    assert stride % 16 == 0
+    assert stride + 48 <= db
+
+
+@given(st.integers(64, 65507))
+def test_stride_formula(db):
+    assert wire.stride_for(db) == (db - 48) // 16 * 16
+
+
+@pytest.mark.parametrize("db", [0, 63, 65508, 1 << 20, -1])
+def test_stride_for_out_of_range(db):
+    with pytest.raises(ValueError, match="datagram_bytes"):
+        wire.stride_for(db)
+
+
+@given(st.integers(0, 1 << 40), st.sampled_from([16, 1424, 8912, 65456]))
+def test_chunk_count(nbytes, stride):
+    c = wire.chunk_count(nbytes, stride)
+    assert c == max(1, -(-nbytes // stride))
+    if nbytes:
+        assert (c - 1) * stride < nbytes <= c * stride
+
+
+def test_chunk_count_edges():
+    assert wire.chunk_count(0, 1424) == 1
+    assert wire.chunk_count(1, 1424) == 1
+    assert wire.chunk_count(1424, 1424) == 1
+    assert wire.chunk_count(1425, 1424) == 2
+
+
+# ---------------------------------------------------------------------------------------------- MAC
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=1, max_size=64), st.binary(min_size=0, max_size=3000), st.integers(1, 64))
+def test_core_blake2b_matches_hashlib(key, data, outlen):
+    want = hashlib.blake2b(data, key=key, digest_size=outlen).digest()
+    assert _core.blake2b_mac(key, data, outlen) == want
+
+
+@pytest.mark.parametrize("n", [0, 1, 31, 32, 127, 128, 129, 255, 256, 257, 1424 + 32, 3000])
+def test_core_blake2b_block_boundaries(n):
+    key = hashlib.sha256(b"k").digest()
+    data = bytes((i * 7 + 3) & 0xFF for i in range(n))
+    assert _core.blake2b_mac(key, data) == wire.mac(key, data)
+    assert len(_core.blake2b_mac(key, data)) == 16
+
+
+def test_core_blake2b_rejects_bad_key():
+    with pytest.raises(ValueError):
+        _core.blake2b_mac(b"", b"x")
+    with pytest.raises(ValueError):
+        _core.blake2b_mac(b"k" * 65, b"x")
+
+
+# ---------------------------------------------------------------------------------------------- dtypes
+
+
+def test_dtype_codes_table():
+    assert wire.DTYPE_CODES == {
+        "int8": 1, "uint8": 2, "int16": 3, "uint16": 4, "int32": 5, "uint32": 6, "int64": 7, "uint64": 8,
+        "float16": 9, "float32": 10, "float64": 11, "bfloat16": 12,
+    }
+    for name, code in wire.DTYPE_CODES.items():
+        if name != "bfloat16":
+            assert wire.dtype_code(np.dtype(name)) == code
+            assert wire.dtype_code(name) == code
+            assert wire.dtype_code(np.dtype(name).newbyteorder("<")) == code
+
+
+def test_dtype_code_bfloat16_when_available():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    assert wire.dtype_code(ml_dtypes.bfloat16) == 12
+
+
+@pytest.mark.parametrize(
+    "dtype", [np.complex64, np.complex128, object, ">f4", ">i4", ">f8", bool, "U3", "S4", "M8[s]", "V8"]
+)
+def test_dtype_code_unsupported(dtype):
+    with pytest.raises(ValueError, match="cannot be sent") as info:
+        wire.dtype_code(dtype)
+    assert "float32" in str(info.value)  # names what is supported
+
+
+def test_header_struct_is_the_documented_layout():
+    # version kind dtype flags | src | tag | tensor_id | index | count | length | stride
+    assert wire.HEADER.format == "<BBBBIQIIIHH"
+    assert struct.calcsize(wire.HEADER.format) == 32
