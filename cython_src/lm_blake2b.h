@@ -64,6 +64,9 @@ static void lm_b2b_compress(lm_b2b_state *S, const uint8_t *block, int last) {
     v[12] ^= S->t0;
     v[13] ^= S->t1;
     if (last) v[14] = ~v[14];
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 12
+#endif
     for (r = 0; r < 12; r++) {
         const uint8_t *s = lm_b2b_sigma[r];
         LM_G(v[0], v[4], v[8], v[12], m[s[0]], m[s[1]]);

@@ -104,6 +104,10 @@ class World:
         32-byte MAC key shared with every other rank (``keys[j]`` for ``j != rank``). Hidden from ``repr``.
     sock : socket.socket
         This rank's bound, non-blocking ``AF_INET`` UDP socket; ``sock.getsockname() == addresses[rank]``.
+    control : socket.socket or None
+        A listening TCP socket bound to the same ``(address, port)`` as ``sock``: the reliable control
+        channel of :class:`lossympi.control.TCPControl` (rank ``r``'s control address is
+        ``addresses[r]`` over TCP).
     info : dict
         How the world was built (``"method"``; for rank 0 of :func:`from_env`, ``"rejected"``: counts of
         refused rendezvous connections by reason). Informative only.
@@ -115,6 +119,7 @@ class World:
     keys: dict[int, bytes] = field(repr=False)
     sock: socket.socket
     info: dict[str, Any] = field(default_factory=dict, repr=False)
+    control: socket.socket | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.size < 1 or not 0 <= self.rank < self.size:
@@ -128,8 +133,10 @@ class World:
         return self.addresses[self.rank]
 
     def close(self) -> None:
-        """Close the UDP socket. Idempotent."""
+        """Close the UDP socket and the control listener. Idempotent."""
         self.sock.close()
+        if self.control is not None:
+            self.control.close()
 
     def __enter__(self) -> World:
         return self
@@ -270,6 +277,44 @@ def bind_udp(host: str = "127.0.0.1", port_range: tuple[int, int] | None = None)
     )
 
 
+def bind_udp_and_control(
+    host: str = "127.0.0.1", port_range: tuple[int, int] | None = None, attempts: int = 64
+) -> tuple[socket.socket, socket.socket]:
+    """Bind a UDP socket (as :func:`bind_udp`) and a listening TCP socket on the same address and port.
+
+    The TCP socket carries the reliable control channel, so a rank's one ``(address, port)`` names both.
+    When the TCP port is taken, another port is tried (``attempts`` times for ephemeral ports, or the
+    rest of ``port_range``).
+    """
+    ranges: list[tuple[int, int] | None]
+    if port_range is None:
+        ranges = [None] * attempts
+    else:
+        lo, hi = _check_port_range(port_range)
+        ranges = [(p, p) for p in range(lo, hi + 1)]
+    last: OSError | None = None
+    for pr in ranges:
+        try:
+            udp = bind_udp(host, pr)
+        except OSError as exc:
+            if pr is not None and exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                last = exc
+                continue
+            raise
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            tcp.bind(udp.getsockname())
+            tcp.listen(1024)
+            tcp.setblocking(False)
+        except OSError as exc:
+            tcp.close()
+            udp.close()
+            last = exc
+            continue
+        return udp, tcp
+    raise OSError(errno.EADDRINUSE, f"no port on {host} is free for both UDP and TCP (last error: {last})")
+
+
 def _world_from_table(
     rank: int,
     size: int,
@@ -278,9 +323,10 @@ def _world_from_table(
     addresses: list[tuple[str, int]],
     publics: list[bytes],
     info: dict[str, Any],
+    control: socket.socket | None = None,
 ) -> World:
     keys = derive_pair_keys(rank, keypair, dict(enumerate(publics)))
-    return World(rank=rank, size=size, addresses=addresses, keys=keys, sock=sock, info=info)
+    return World(rank=rank, size=size, addresses=addresses, keys=keys, sock=sock, info=info, control=control)
 
 
 def _check_table(addresses: list[tuple[str, int]], publics: list[bytes]) -> None:
@@ -316,18 +362,22 @@ def local_worlds(size: int, host: str = "127.0.0.1") -> list[World]:
         raise ValueError(f"size must be a positive int, got {size!r}")
     _check_unicast(_resolve_ipv4(host), "host")
     socks: list[socket.socket] = []
+    controls: list[socket.socket] = []
     try:
         for _ in range(size):
-            socks.append(bind_udp(host))
+            udp, tcp = bind_udp_and_control(host)
+            socks.append(udp)
+            controls.append(tcp)
         keypairs = [KeyPair() for _ in range(size)]
         addresses = [(str(s.getsockname()[0]), int(s.getsockname()[1])) for s in socks]
         publics = [kp.public_bytes for kp in keypairs]
         return [
-            _world_from_table(r, size, socks[r], keypairs[r], list(addresses), publics, {"method": "local"})
+            _world_from_table(r, size, socks[r], keypairs[r], list(addresses), publics, {"method": "local"},
+                              controls[r])
             for r in range(size)
         ]
     except BaseException:
-        for s in socks:
+        for s in socks + controls:
             s.close()
         raise
 
@@ -385,13 +435,14 @@ def from_mpi(comm: Any = None, host: str | None = None, port_range: tuple[int, i
     names = [str(n) for n in comm.allgather(MPI.Get_processor_name())]  # collective on every rank
 
     sock: socket.socket | None = None
+    control: socket.socket | None = None
     keypair: KeyPair | None = None
     entry: tuple[bool, Any]
     try:
         chosen = host if host is not None else os.environ.get(ENV_HOST) or None
         ip = _resolve_ipv4(chosen) if chosen is not None else _mpi_default_ip(rank, names)
         _check_unicast(ip, "host")
-        sock = bind_udp(ip, port_range)
+        sock, control = bind_udp_and_control(ip, port_range)
         keypair = KeyPair()
         entry = (True, (ip, int(sock.getsockname()[1]), keypair.public_bytes))
     except Exception as exc:  # report to every rank instead of deadlocking them
@@ -406,10 +457,11 @@ def from_mpi(comm: Any = None, host: str | None = None, port_range: tuple[int, i
         addresses = [(str(e[1][0]), int(e[1][1])) for e in entries]
         publics = [bytes(e[1][2]) for e in entries]
         _check_table(addresses, publics)
-        return _world_from_table(rank, size, sock, keypair, addresses, publics, {"method": "mpi"})
+        return _world_from_table(rank, size, sock, keypair, addresses, publics, {"method": "mpi"}, control)
     except BaseException:
-        if sock is not None:
-            sock.close()
+        for s in (sock, control):
+            if s is not None:
+                s.close()
         raise
 
 
@@ -1095,7 +1147,7 @@ def from_env(
     else:
         ip = _default_ip_towards(cfg.rdzv_host)
     _check_unicast(ip, "host")
-    sock = bind_udp(ip, cfg.port_range)
+    sock, control = bind_udp_and_control(ip, cfg.port_range)
     try:
         keypair = KeyPair()
         own = (ip, int(sock.getsockname()[1]), keypair.public_bytes)
@@ -1111,9 +1163,10 @@ def from_env(
         addresses = [(t[0], t[1]) for t in table]
         publics = [t[2] for t in table]
         _check_table(addresses, publics)
-        return _world_from_table(cfg.rank, cfg.size, sock, keypair, addresses, publics, info)
+        return _world_from_table(cfg.rank, cfg.size, sock, keypair, addresses, publics, info, control)
     except BaseException:
         sock.close()
+        control.close()
         raise
 
 
