@@ -175,6 +175,8 @@ cdef class Core:
     # posted receives
     cdef Slot *slots
     cdef int nslots
+    cdef int slots_hi          # 1 + highest slot index ever opened (bounds the search)
+    cdef int last_hit          # slot that matched the previous datagram (flows come in runs)
     cdef int *done_list
     cdef int ndone
     cdef object slot_refs
@@ -385,10 +387,14 @@ cdef class Core:
             self.rejected_src[src] += 1
 
     cdef int _find_slot(self, uint32_t src, uint64_t tag, uint32_t tid) noexcept nogil:
-        cdef int i
-        for i in range(self.nslots):
+        cdef int i = self.last_hit
+        if (self.slots[i].state != 0 and self.slots[i].src == src and self.slots[i].tag == tag
+                and self.slots[i].tid == tid):
+            return i
+        for i in range(self.slots_hi):
             if (self.slots[i].state != 0 and self.slots[i].src == src and self.slots[i].tag == tag
                     and self.slots[i].tid == tid):
+                self.last_hit = i
                 return i
         return -1
 
@@ -616,6 +622,8 @@ cdef class Core:
         if s < 0:
             raise RuntimeError(f"too many receives posted at once (max_slots={self.nslots})")
         memset(&bitmap[0], 0, bitmap.shape[0])
+        if s >= self.slots_hi:
+            self.slots_hi = s + 1
         self.slots[s].state = 1
         self.slots[s].src = src
         self.slots[s].tid = tid

@@ -466,11 +466,11 @@ class Endpoint:
 
     # ------------------------------------------------------------------ send
     def _send_now(self, peer: int, flat: np.ndarray, code: int, tag: int, tid: int,
-                  indices: np.ndarray | None, corrupt: bool, rate: float) -> int:
-        return self.core.send(peer, flat, code, tag, tid, indices, corrupt, rate, self.burst_bytes)
+                  indices: np.ndarray | None, corrupt: bool, rate: float, burst: int) -> int:
+        return self.core.send(peer, flat, code, tag, tid, indices, corrupt, rate, burst)
 
     def _send_plan(self, peer: int, flat: np.ndarray, code: int, tag: int, tid: int,
-                   order: np.ndarray, corrupt: np.ndarray, rate: float) -> int:
+                   order: np.ndarray, corrupt: np.ndarray, rate: float, burst: int) -> int:
         """Send ``order`` in runs of equal corruption flag (vectorised run detection)."""
         if order.size == 0:
             return 0
@@ -480,7 +480,7 @@ class Endpoint:
         n = 0
         for a, b in zip(starts, ends, strict=True):
             n += self._send_now(peer, flat, code, tag, tid, np.ascontiguousarray(order[a:b], np.uint32),
-                                bool(corrupt[a]), rate)
+                                bool(corrupt[a]), rate, burst)
         return n
 
     def _prepare_send(self, peer: int, array: np.ndarray, tag: int | None, tensor_id: int):
@@ -498,27 +498,29 @@ class Endpoint:
         return arr, flat, code, tag, count, plan
 
     async def send(self, peer: int, array: np.ndarray, *, tag: int | None = None, tensor_id: int = 0,
-                   rate_bps: float | None = None) -> SendResult:
+                   rate_bps: float | None = None, burst_bytes: int | None = None) -> SendResult:
         """Send ``array`` to ``peer`` as datagrams; returns once all are handed to the kernel.
 
         The array must not be modified until this returns. Transmission runs in a helper thread
         without the GIL, so the event loop keeps receiving meanwhile. ``rate_bps`` overrides the
-        endpoint's send rate for this message (collectives use it to share a receiver among senders).
+        endpoint's send rate for this message and ``burst_bytes`` its burst allowance (collectives use
+        them to share a receiver among senders).
         """
         loop = self._attach()
         arr, flat, code, tag, count, plan = self._prepare_send(peer, array, tag, tensor_id)
         rate = self.rate_bps if rate_bps is None else float(rate_bps)
+        burst = self.burst_bytes if burst_bytes is None else max(1, int(burst_bytes))
         t0 = time.monotonic()
         if plan is None:
             n = await loop.run_in_executor(self._executor, self._send_now, peer, flat, code, tag,
-                                           tensor_id, None, False, rate)
+                                           tensor_id, None, False, rate, burst)
         else:
             n = await loop.run_in_executor(self._executor, self._send_plan, peer, flat, code, tag,
-                                           tensor_id, plan.order, plan.corrupt, rate)
+                                           tensor_id, plan.order, plan.corrupt, rate, burst)
             if plan.delayed.size:
                 await asyncio.sleep(plan.delay)
                 n += await loop.run_in_executor(self._executor, self._send_plan, peer, flat, code, tag,
-                                                tensor_id, plan.delayed, plan.delayed_corrupt, rate)
+                                                tensor_id, plan.delayed, plan.delayed_corrupt, rate, burst)
         return SendResult(peer, tag, tensor_id, n, flat.size, time.monotonic() - t0, count,
                           None if plan is None else plan.dropped)
 
