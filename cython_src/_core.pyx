@@ -49,6 +49,9 @@ cdef extern from "lm_blake2b.h" nogil:
     void lm_mac2(const lm_b2b_state *prepared, const uint8_t *a, size_t alen, const uint8_t *b,
                  size_t blen, uint8_t *out)
     int lm_ct_equal(const uint8_t *a, const uint8_t *b, size_t n)
+    int lm_have_avx2()
+    void lm_mac_x4(const lm_b2b_state **st, const uint8_t **hdr, const uint8_t **pay, size_t paylen,
+                   uint8_t **out)
 
 
 cdef extern from "lm_net.h" nogil:
@@ -110,6 +113,43 @@ def blake2b_mac(bytes key, const uint8_t[::1] data, int outlen=16):
         lm_b2b_update(&S, &data[0], data.shape[0])
     lm_b2b_final(&S, out)
     return bytes(out[:outlen])
+
+
+cdef bint _HAVE_X4 = lm_have_avx2() != 0
+HAVE_AVX2 = bool(_HAVE_X4)
+
+
+def blake2b_mac_x4(list keys, list headers, list payloads, bint vector=True):
+    """Four datagram MACs at once, as the batched core computes them (for tests against ``hashlib``).
+
+    ``keys``: four 32-byte keys; ``headers``: four 32-byte headers; ``payloads``: four payloads of one
+    length. ``vector=False`` forces the scalar path.
+    """
+    if len(keys) != 4 or len(headers) != 4 or len(payloads) != 4:
+        raise ValueError("need exactly four keys, headers and payloads")
+    cdef lm_b2b_state st[4]
+    cdef const lm_b2b_state *stp[4]
+    cdef const uint8_t *hp[4]
+    cdef const uint8_t *pp[4]
+    cdef uint8_t outb[4][16]
+    cdef uint8_t *op[4]
+    cdef size_t plen = len(payloads[0])
+    cdef int j
+    for j in range(4):
+        if len(keys[j]) != 32 or len(headers[j]) != 32 or len(payloads[j]) != plen:
+            raise ValueError("keys and headers must be 32 bytes, payloads of equal length")
+        lm_b2b_init_key(&st[j], MAC_BYTES, <const uint8_t *>(<bytes>keys[j]), 32)
+        lm_b2b_prepare(&st[j])
+        stp[j] = &st[j]
+        hp[j] = <const uint8_t *>(<bytes>headers[j])
+        pp[j] = <const uint8_t *>(<bytes>payloads[j])
+        op[j] = outb[j]
+    if vector and _HAVE_X4:
+        lm_mac_x4(stp, hp, pp, plen, op)
+    else:
+        for j in range(4):
+            lm_mac2(stp[j], hp[j], 32, pp[j], plen, op[j])
+    return [bytes(outb[j][:16]) for j in range(4)]
 
 
 def stride_for(int datagram_bytes):
@@ -204,6 +244,9 @@ cdef class Core:
     cdef uint8_t *rbufs
     cdef char *rctrl
     cdef lm_addr *raddrs
+    cdef const uint8_t **cand_ptr   # datagrams of one recvmmsg batch that passed steps 1-4
+    cdef uint32_t *cand_len
+    cdef uint32_t *cand_src
     # counters
     cdef readonly uint64_t datagrams
     cdef readonly uint64_t accepted
@@ -261,6 +304,9 @@ cdef class Core:
         self.rbufs = <uint8_t *>malloc(<size_t>RECV_BATCH * RECV_BUF)
         self.rctrl = <char *>calloc(RECV_BATCH, LM_CTRL_BYTES)
         self.raddrs = <lm_addr *>calloc(RECV_BATCH, sizeof(lm_addr))
+        self.cand_ptr = <const uint8_t **>calloc(RECV_BATCH * (RECV_BUF // HEADER_BYTES), sizeof(uint8_t *))
+        self.cand_len = <uint32_t *>calloc(RECV_BATCH * (RECV_BUF // HEADER_BYTES), sizeof(uint32_t))
+        self.cand_src = <uint32_t *>calloc(RECV_BATCH * (RECV_BUF // HEADER_BYTES), sizeof(uint32_t))
         if (self.keys == NULL or self.has_key == NULL or self.peers == NULL or self.has_peer == NULL
                 or self.slots == NULL or self.done_list == NULL or self.cm_keys == NULL
                 or self.cm_vals == NULL or self.pool == NULL or self.pool_used == NULL
@@ -268,7 +314,8 @@ cdef class Core:
                 or self.pool_tag == NULL or self.pool_free == NULL or self.pool_per_src == NULL
                 or self.rmsgs == NULL or self.riov == NULL or self.rbufs == NULL
                 or self.rctrl == NULL or self.raddrs == NULL or self.rejected_src == NULL
-                or self.stale_src == NULL):
+                or self.stale_src == NULL or self.cand_ptr == NULL or self.cand_len == NULL
+                or self.cand_src == NULL):
             raise MemoryError("lossympi core: cannot allocate buffers (lower unexpected_bytes?)")
         for i in range(<int>self.pool_n):
             self.pool_free[i] = self.pool_n - 1 - i
@@ -285,6 +332,7 @@ cdef class Core:
         free(self.pool_tid); free(self.pool_tag); free(self.pool_free); free(self.pool_per_src)
         free(self.rmsgs); free(self.riov); free(self.rbufs); free(self.rctrl); free(self.raddrs)
         free(self.rejected_src); free(self.stale_src)
+        free(self.cand_ptr); free(self.cand_len); free(self.cand_src)
 
     # ------------------------------------------------------------------ configuration
     def set_key(self, int peer, bytes key):
@@ -478,44 +526,40 @@ cdef class Core:
                 self.stale += 1
                 self.stale_src[src] += 1
 
-    cdef void _handle(self, const uint8_t *d, uint32_t L, const lm_addr *frm) noexcept nogil:
-        """Validate one datagram (docs/protocol.md, steps 1-7) and dispatch it."""
-        cdef uint32_t src, tid, plen, maclen
-        cdef uint64_t tag, done
-        cdef uint8_t mac[MAC_BYTES]
-        cdef int s
+    cdef int64_t _precheck(self, const uint8_t *d, uint32_t L, const lm_addr *frm) noexcept nogil:
+        """Steps 1-4 of docs/protocol.md (and the presence of a MAC and key); returns src or -1."""
+        cdef uint32_t src, plen, maclen
         self.datagrams += 1
         if L < HEADER_BYTES:
             self._reject(R_SHORT, -1)
-            return
+            return -1
         if d[0] != VERSION or d[1] != KIND_DATA or (d[3] & ~FLAG_MAC) != 0:
             self._reject(R_HEADER, -1)
-            return
+            return -1
         src = lm_ld32(d + 4)
         if src >= <uint32_t>self.nranks:
             self._reject(R_RANK, -1)
-            return
+            return -1
         if self.check_address and self.has_peer[src] and not lm_addr_eq(frm, &self.peers[src]):
             self._reject(R_RANK, src)
-            return
+            return -1
         plen = lm_ld16(d + 28)
         maclen = MAC_BYTES if (d[3] & FLAG_MAC) else 0
         if HEADER_BYTES + plen + maclen != L:
             self._reject(R_SIZE, src)
-            return
-        if self.auth:
-            if maclen == 0 or not self.has_key[src]:
-                self._reject(R_MAC, src)
-                return
-            lm_mac2(&self.keys[src], d, HEADER_BYTES + plen, NULL, 0, mac)
-            if not lm_ct_equal(mac, d + HEADER_BYTES + plen, MAC_BYTES):
-                self._reject(R_MAC, src)
-                return
-        tag = lm_ld64(d + 8)
-        tid = lm_ld32(d + 16)
-        s = self._find_slot(src, tag, tid)
+            return -1
+        if self.auth and (maclen == 0 or not self.has_key[src]):
+            self._reject(R_MAC, src)
+            return -1
+        return src
+
+    cdef void _dispatch(self, const uint8_t *d, uint32_t L, uint32_t src) noexcept nogil:
+        """Steps 6-7 for an authenticated datagram: its open receive, or stale, or the pool."""
+        cdef uint64_t tag = lm_ld64(d + 8), done
+        cdef uint32_t tid = lm_ld32(d + 16)
+        cdef int s = self._find_slot(src, tag, tid)
         if s >= 0:
-            self._deliver(s, d, plen)
+            self._deliver(s, d, lm_ld16(d + 28))
             return
         done = self._cm_get(src, tid)
         if done != 0 and tag < done:
@@ -524,8 +568,44 @@ cdef class Core:
             return
         self._pool_put(d, L, src, tag, tid)
 
+    cdef void _verify_and_dispatch(self, int nc) noexcept nogil:
+        """Step 5 (MAC, four datagrams at a time where lengths agree), then dispatch, in arrival order."""
+        cdef int i = 0, j, k
+        cdef uint32_t L
+        cdef const lm_b2b_state *st[4]
+        cdef const uint8_t *hp[4]
+        cdef const uint8_t *pp[4]
+        cdef uint8_t macs[4][MAC_BYTES]
+        cdef uint8_t *op[4]
+        for j in range(4):
+            op[j] = macs[j]
+        while i < nc:
+            L = self.cand_len[i]
+            if not self.auth:
+                self._dispatch(self.cand_ptr[i], L, self.cand_src[i])
+                i += 1
+                continue
+            if (_HAVE_X4 and i + 3 < nc and self.cand_len[i + 1] == L and self.cand_len[i + 2] == L
+                    and self.cand_len[i + 3] == L):
+                k = 4
+                for j in range(4):
+                    st[j] = &self.keys[self.cand_src[i + j]]
+                    hp[j] = self.cand_ptr[i + j]
+                    pp[j] = self.cand_ptr[i + j] + HEADER_BYTES
+                lm_mac_x4(st, hp, pp, L - HEADER_BYTES - MAC_BYTES, op)
+            else:
+                k = 1
+                lm_mac2(&self.keys[self.cand_src[i]], self.cand_ptr[i], L - MAC_BYTES, NULL, 0, macs[0])
+            for j in range(k):
+                if lm_ct_equal(macs[j], self.cand_ptr[i + j] + L - MAC_BYTES, MAC_BYTES):
+                    self._dispatch(self.cand_ptr[i + j], L, self.cand_src[i + j])
+                else:
+                    self._reject(R_MAC, self.cand_src[i + j])
+            i += k
+
     cdef int _progress(self, int budget) noexcept nogil:
-        cdef int n, i, total = 0, seg, err
+        cdef int n, i, total = 0, seg, err, nc
+        cdef int64_t src
         cdef uint32_t L, off, sl
         cdef msghdr *h
         cdef uint8_t *buf
@@ -547,6 +627,7 @@ cdef class Core:
                 if err != EAGAIN and err != EWOULDBLOCK:
                     self.last_errno = err
                 break
+            nc = 0
             for i in range(n):
                 h = &self.rmsgs[i].msg_hdr
                 L = self.rmsgs[i].msg_len
@@ -567,8 +648,14 @@ cdef class Core:
                     sl = L - off
                     if sl > <uint32_t>seg:
                         sl = seg
-                    self._handle(buf + off, sl, &self.raddrs[i])
+                    src = self._precheck(buf + off, sl, &self.raddrs[i])
+                    if src >= 0 and nc < RECV_BATCH * (RECV_BUF // HEADER_BYTES):  # always true: >= 32 B each
+                        self.cand_ptr[nc] = buf + off
+                        self.cand_len[nc] = sl
+                        self.cand_src[nc] = <uint32_t>src
+                        nc += 1
                     off += sl
+            self._verify_and_dispatch(nc)
             total += n
             if n < RECV_BATCH:
                 break
@@ -716,6 +803,28 @@ cdef class Core:
             raise OSError(-r, f"lossympi send to rank {dst} failed: {_os.strerror(-r)}")
         return r
 
+    cdef void _mac_segments(self, int dst, uint8_t *hm, const uint8_t **spay, const uint32_t *slen,
+                            int ns) noexcept nogil:
+        """MAC of every segment of a send batch into its trailer (four at a time where lengths agree)."""
+        cdef int i = 0, j
+        cdef const lm_b2b_state *st[4]
+        cdef const uint8_t *hp[4]
+        cdef uint8_t *op[4]
+        cdef size_t rec = HEADER_BYTES + MAC_BYTES
+        while i < ns:
+            if (_HAVE_X4 and i + 3 < ns and slen[i] == slen[i + 1] and slen[i] == slen[i + 2]
+                    and slen[i] == slen[i + 3]):
+                for j in range(4):
+                    st[j] = &self.keys[dst]
+                    hp[j] = hm + <size_t>(i + j) * rec
+                    op[j] = hm + <size_t>(i + j) * rec + HEADER_BYTES
+                lm_mac_x4(st, hp, spay + i, slen[i], op)
+                i += 4
+            else:
+                lm_mac2(&self.keys[dst], hm + <size_t>i * rec, HEADER_BYTES, spay[i], slen[i],
+                        hm + <size_t>i * rec + HEADER_BYTES)
+                i += 1
+
     cdef int64_t _send(self, int dst, const uint8_t *base, uint64_t nbytes, uint8_t dtype,
                        uint64_t tag, uint32_t tid, uint32_t count, const uint32_t *idx,
                        uint64_t nidx, bint corrupt, double rate_bps,
@@ -729,6 +838,8 @@ cdef class Core:
         cdef iovec *iov = <iovec *>malloc(<size_t>max_segs * 3 * sizeof(iovec))
         cdef mmsghdr *msgs = <mmsghdr *>calloc(SEND_MSGS, sizeof(mmsghdr))
         cdef char *ctrl = <char *>calloc(SEND_MSGS, LM_CTRL_BYTES)
+        cdef const uint8_t **spay = <const uint8_t **>malloc(<size_t>max_segs * sizeof(uint8_t *))
+        cdef uint32_t *slen = <uint32_t *>malloc(<size_t>max_segs * sizeof(uint32_t))
         cdef uint64_t pos = 0, sent = 0, sent_bytes = 0, batch_bytes, t0, now, due
         cdef int nm, ns, k, r, err, done, retry_nogso
         cdef uint32_t ci, plen
@@ -736,13 +847,13 @@ cdef class Core:
         cdef const uint8_t *payload
         cdef int64_t result = 0
         cdef double ns_per_byte = 0.0
-        if hm == NULL or iov == NULL or msgs == NULL or ctrl == NULL:
-            free(hm); free(iov); free(msgs); free(ctrl)
+        if hm == NULL or iov == NULL or msgs == NULL or ctrl == NULL or spay == NULL or slen == NULL:
+            free(hm); free(iov); free(msgs); free(ctrl); free(spay); free(slen)
             return -12
         if corrupt:
             cbuf = <uint8_t *>malloc(<size_t>max_segs * self.stride + 1)
             if cbuf == NULL:
-                free(hm); free(iov); free(msgs); free(ctrl)
+                free(hm); free(iov); free(msgs); free(ctrl); free(spay); free(slen)
                 return -12
         if rate_bps > 0:
             ns_per_byte = 8e9 / rate_bps
@@ -791,17 +902,8 @@ cdef class Core:
                     lm_st16(h + 28, <uint16_t>plen)
                     lm_st16(h + 30, <uint16_t>self.stride)
                     payload = base + <uint64_t>ci * self.stride if plen else h
-                    if self.auth:
-                        lm_mac2(&self.keys[dst], h, HEADER_BYTES, payload, plen, h + HEADER_BYTES)
-                    if corrupt:
-                        if plen:
-                            memcpy(cbuf + <size_t>ns * self.stride, payload, plen)
-                            cbuf[<size_t>ns * self.stride + plen // 2] ^= 0x10
-                            payload = cbuf + <size_t>ns * self.stride
-                        elif self.auth:
-                            h[HEADER_BYTES] ^= 0x10
-                        else:
-                            h[8] ^= 0x10
+                    spay[ns] = payload
+                    slen[ns] = plen
                     iov[ns * 3].iov_base = h
                     iov[ns * 3].iov_len = HEADER_BYTES
                     iov[ns * 3 + 1].iov_base = <void *>payload
@@ -818,6 +920,20 @@ cdef class Core:
                 if segs_per_msg > 1 and k > 1:
                     lm_msg_set_gso(&msgs[nm].msg_hdr, ctrl + <size_t>nm * LM_CTRL_BYTES, <uint16_t>seg_full)
                 nm += 1
+            # MACs of the whole batch (four at a time), then injected corruption after the MAC.
+            if self.auth:
+                self._mac_segments(dst, hm, spay, slen, ns)
+            if corrupt:
+                for k in range(ns):
+                    h = hm + <size_t>k * (HEADER_BYTES + MAC_BYTES)
+                    if slen[k]:
+                        memcpy(cbuf + <size_t>k * self.stride, spay[k], slen[k])
+                        cbuf[<size_t>k * self.stride + slen[k] // 2] ^= 0x10
+                        iov[k * 3 + 1].iov_base = cbuf + <size_t>k * self.stride
+                    elif self.auth:
+                        h[HEADER_BYTES] ^= 0x10
+                    else:
+                        h[8] ^= 0x10
             # Pace: wait until this batch fits in the token bucket.
             if rate_bps > 0:
                 due = t0 + <uint64_t>(sent_bytes * ns_per_byte)
@@ -858,7 +974,7 @@ cdef class Core:
                 continue
             sent += ns
             sent_bytes += batch_bytes
-        free(hm); free(iov); free(msgs); free(ctrl); free(cbuf)
+        free(hm); free(iov); free(msgs); free(ctrl); free(cbuf); free(spay); free(slen)
         if result < 0:
             return result
         return <int64_t>sent
