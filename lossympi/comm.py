@@ -29,6 +29,7 @@ import numpy as np
 from lossympi.control import TCPControl
 from lossympi.endpoint import Endpoint, RecvResult
 from lossympi.fill import FillPolicy, check_policy
+from lossympi.wire import dtype_code
 
 if TYPE_CHECKING:
     from lossympi.bootstrap import World
@@ -91,6 +92,7 @@ def _contiguous(buf: Any, name: str, writeable: bool = False) -> np.ndarray:
         raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
     if writeable and not buf.flags.writeable:
         raise ValueError(f"{name} must be writeable")
+    dtype_code(buf.dtype)  # an unsendable dtype fails here, before any tag is taken or datagram sent
     return buf
 
 
@@ -107,6 +109,10 @@ class _Async:
         if timeout is None:
             raise ValueError("lossy collectives need deadline= (time.monotonic() seconds) or timeout= (seconds)")
         return time.monotonic() + float(timeout)
+
+    def _fill(self, fill: FillPolicy | None, dtype: np.dtype) -> None:
+        """Check the fill policy a receive will use (``fill`` or the endpoint's) before anything is sent."""
+        check_policy(self.c.endpoint.fill if fill is None else fill, dtype)
 
     def _root(self, root: int) -> int:
         if isinstance(root, bool) or not isinstance(root, int | np.integer) or not 0 <= root < self.c.size:
@@ -155,10 +161,10 @@ class _Async:
         sendbuf = _contiguous(sendbuf, "sendbuf")
         if c.rank == root:
             recvbuf = self._rows(recvbuf, sendbuf, "recvbuf")
-            if fill is not None:
-                check_policy(fill, sendbuf.dtype)
+            self._fill(fill, sendbuf.dtype)
         end = self._deadline(deadline, timeout)
-        tag, tid = c._next(), c._tid(tensor_id)
+        tid = c._tid(tensor_id)
+        tag = c._next()
         t0 = time.monotonic()
         res = CollectiveResult()
         if c.rank == root:
@@ -177,8 +183,11 @@ class _Async:
         c = self.c
         root = self._root(root)
         buf = _contiguous(buf, "buf", writeable=c.rank != root)
+        if c.rank != root:
+            self._fill(fill, buf.dtype)
         end = self._deadline(deadline, timeout)
-        tag, tid = c._next(), c._tid(tensor_id)
+        tid = c._tid(tensor_id)
+        tag = c._next()
         t0 = time.monotonic()
         res = CollectiveResult()
         if c.rank == root:
@@ -202,8 +211,11 @@ class _Async:
             if sendbuf.shape != want or sendbuf.dtype != recvbuf.dtype:
                 raise ValueError(f"sendbuf must have shape {want} and dtype {recvbuf.dtype}, "
                                  f"got {sendbuf.shape} {sendbuf.dtype}")
+        else:
+            self._fill(fill, recvbuf.dtype)
         end = self._deadline(deadline, timeout)
-        tag, tid = c._next(), c._tid(tensor_id)
+        tid = c._tid(tensor_id)
+        tag = c._next()
         t0 = time.monotonic()
         res = CollectiveResult()
         if c.rank == root:
@@ -224,8 +236,10 @@ class _Async:
         c = self.c
         sendbuf = _contiguous(sendbuf, "sendbuf")
         recvbuf = self._rows(recvbuf, sendbuf, "recvbuf")
+        self._fill(fill, sendbuf.dtype)
         end = self._deadline(deadline, timeout)
-        tag, tid = c._next(), c._tid(tensor_id)
+        tid = c._tid(tensor_id)
+        tag = c._next()
         t0 = time.monotonic()
         recvbuf[c.rank] = sendbuf
         others = self._others()
@@ -264,7 +278,8 @@ class _Async:
         end = self._deadline(deadline, timeout)
         t0 = time.monotonic()
         mid = t0 + (end - t0) / 2
-        tag1, tag2, tid = c._next(), c._next(), c._tid(tensor_id)
+        tid = c._tid(tensor_id)
+        tag1, tag2 = c._next(), c._next()
         n, me = c.size, c.rank
         flat_in = sendbuf.reshape(-1)
         flat_out = recvbuf.reshape(-1)

@@ -10,7 +10,10 @@ nothing received is ever unpickled or executed.
 
 Frame: ``u32 length | u64 sequence | payload | 32-byte HMAC(key, direction | sequence | payload)``.
 Payload of an operation: ``u8 op | u64 op number | data``; every rank numbers its control operations, so
-a rank that calls a different collective than the others gets a clear error instead of a deadlock.
+a rank that calls a different collective than the others gets a clear error instead of a deadlock. Every
+operation starts with every rank ``r > 0`` sending its header to rank 0, so rank 0 always sees a mismatch;
+it then sends an abort frame (op ``OP_ABORT``, the error as data) to every rank. A rank whose channel
+failed (mismatch, abort, authentication, sequence, timeout) refuses further operations.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ OP_BARRIER = 1
 OP_BCAST = 2
 OP_GATHER = 3
 OP_FORWARD = 4
-OP_NAMES = {OP_BARRIER: "Barrier", OP_BCAST: "bcast", OP_GATHER: "gather", OP_FORWARD: "forward"}
+OP_ABORT = 5
+OP_NAMES = {OP_BARRIER: "Barrier", OP_BCAST: "bcast", OP_GATHER: "gather", OP_FORWARD: "forward",
+            OP_ABORT: "abort"}
 
 
 class ControlError(RuntimeError):
@@ -141,6 +146,7 @@ class TCPControl:
         self.rejected = 0
         self._opno = 0
         self._ready: asyncio.Future | None = None
+        self._failed: str | None = None
 
     # ------------------------------------------------------------------ connection set-up
     async def _serve(self) -> None:
@@ -190,7 +196,9 @@ class TCPControl:
         key = self.keys[0]
         try:
             nonce = await asyncio.wait_for(reader.readexactly(16), timeout=self.timeout)
-        except (TimeoutError, asyncio.IncompleteReadError) as exc:
+        except TimeoutError as exc:
+            raise ControlError(f"rank 0 sent no control handshake within {self.timeout} s") from exc
+        except asyncio.IncompleteReadError as exc:
             raise ControlError("rank 0 closed the control channel during the handshake") from exc
         mac = hmac.new(key, _HELLO + nonce + _LEN.pack(self.rank), hashlib.sha256).digest()
         writer.write(_LEN.pack(self.rank) + mac)
@@ -207,21 +215,50 @@ class TCPControl:
 
     # ------------------------------------------------------------------ operations
     def _begin(self, op: int) -> bytes:
+        if self._failed is not None:
+            raise ControlError(f"control channel unusable after an earlier error: {self._failed}")
         header = _OP.pack(op, self._opno)
         self._opno += 1
         return header
 
     def _check(self, payload: bytes, header: bytes, peer: int) -> bytes:
+        if payload[:1] == bytes([OP_ABORT]):
+            raise ControlError(payload[_OP.size:].decode("utf-8", "replace"))
         if payload[:_OP.size] != header:
             got = _OP.unpack_from(payload) if len(payload) >= _OP.size else (0, -1)
             raise ControlError(
-                f"rank {peer} called {OP_NAMES.get(got[0], got[0])} #{got[1]} while this rank called "
+                f"rank {peer} called {OP_NAMES.get(got[0], got[0])} #{got[1]} while rank {self.rank} called "
                 f"{OP_NAMES[header[0]]} #{_OP.unpack(header)[1]}: every rank must call the same collectives "
                 "in the same order")
         return payload[_OP.size:]
 
     async def _recv_from(self, peer: int, header: bytes) -> bytes:
-        return self._check(await asyncio.wait_for(self.links[peer].recv(), self.timeout), header, peer)
+        try:
+            try:
+                payload = await asyncio.wait_for(self.links[peer].recv(), self.timeout)
+            except TimeoutError:
+                raise ControlError(
+                    f"rank {self.rank}: rank {peer} sent nothing for {OP_NAMES[header[0]]} "
+                    f"#{_OP.unpack(header)[1]} within {self.timeout} s (control timeout)") from None
+            return self._check(payload, header, peer)
+        except ControlError as exc:
+            self._failed = self._failed or str(exc)
+            raise
+
+    async def _collect(self, header: bytes) -> list[bytes]:
+        """Rank 0: receive every other rank's frame of this operation; on any error, abort every rank."""
+        tasks = [asyncio.ensure_future(self._recv_from(r, header)) for r in range(1, self.size)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except ControlError as exc:
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+                elif not t.cancelled():
+                    t.exception()  # retrieved: a second mismatch is not logged as unhandled
+            abort = _OP.pack(OP_ABORT, 0) + str(exc).encode()
+            await asyncio.gather(*(link.send(abort) for link in self.links.values()), return_exceptions=True)
+            raise
 
     async def gather_bytes(self, data: bytes, root: int = 0) -> list[bytes] | None:
         """Gather one ``bytes`` per rank at ``root`` (reliable). Returns the list at ``root``, else None."""
@@ -235,7 +272,7 @@ class TCPControl:
             if self.rank == root:
                 return _unpack_list(await self._recv_from(0, header), self.size)
             return None
-        parts = await asyncio.gather(*(self._recv_from(r, header) for r in range(1, self.size)))
+        parts = await self._collect(header)
         items = [bytes(data), *parts]
         if root == 0:
             return items
@@ -254,12 +291,14 @@ class TCPControl:
                 raise ValueError("the root of bcast_bytes must pass data")
             data = bytes(data)
         if self.rank != 0:
+            # Every rank, not only the root, announces its call to rank 0 (see the module notes).
+            await self.links[0].send(header + (data if self.rank == root else b""))
             if self.rank == root:
-                await self.links[0].send(header + data)
                 return data
             return await self._recv_from(0, header)
+        parts = await self._collect(header)
         if root != 0:
-            data = await self._recv_from(root, header)
+            data = parts[root - 1]
         assert data is not None
         await asyncio.gather(*(self.links[r].send(header + data) for r in range(1, self.size) if r != root))
         return data
@@ -274,7 +313,7 @@ class TCPControl:
             await self.links[0].send(header)
             await self._recv_from(0, header)
             return
-        await asyncio.gather(*(self._recv_from(r, header) for r in range(1, self.size)))
+        await self._collect(header)
         await asyncio.gather(*(self.links[r].send(header) for r in range(1, self.size)))
 
     def _check_root(self, root: int) -> None:
