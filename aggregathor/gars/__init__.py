@@ -1,0 +1,51 @@
+"""Byzantine-resilient gradient aggregation rules (GARs), one module per rule, with a registry by name.
+
+``aggregathor.gars.get("multi-krum", n=20, f=4)`` builds a rule; ``names()`` lists them. Each rule is a
+:class:`~aggregathor.gars.base.GAR`: call it on an ``(n, d)`` tensor (or a list of n tensors) to get the
+``(d,)`` aggregate. Pre-aggregation wrappers compose with any rule: ``get("krum", n, f, pre=["nnm"])``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Sequence
+from typing import Any
+
+from aggregathor.gars.base import GAR, as_matrix, register, registry
+
+__all__ = ["GAR", "as_matrix", "get", "names", "register", "registry"]
+
+_PRIVATE = {"base", "reference"}
+
+
+def _load_all() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_") and info.name not in _PRIVATE:
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+def names() -> list[str]:
+    """Names of the registered rules and wrappers, sorted."""
+    _load_all()
+    return sorted(registry())
+
+
+def get(name: str, n: int, f: int, *, pre: Sequence[str | dict[str, Any]] = (), **kwargs: Any) -> GAR:
+    """Build the rule ``name`` for ``n`` gradients of which ``f`` may be Byzantine.
+
+    ``pre`` lists pre-aggregation wrappers applied in order before the rule (names, or dicts with a
+    ``"name"`` and the wrapper's arguments). Raises ValueError naming the known rules for an unknown name,
+    and the violated bound when ``(n, f)`` is out of the rule's reach.
+    """
+    _load_all()
+    table = registry()
+    if name not in table:
+        raise ValueError(f"unknown aggregation rule {name!r}; known: {', '.join(sorted(table))}")
+    rule = table[name](n, f, **kwargs)
+    rule.check()
+    if pre:
+        from aggregathor.gars.wrappers import compose
+
+        rule = compose(rule, pre)
+    return rule
