@@ -1,0 +1,72 @@
+"""Experiments: a model plus a data set, chosen by name, one module per experiment, with a registry.
+
+``aggregathor.experiments.get("digits")`` builds an :class:`~aggregathor.experiments.base.Experiment`;
+``names()`` lists them. ``digits`` (the default) needs no download; ``mnist``, ``fashion-mnist`` and
+``cifar10`` read Keras's cache (``~/.keras/datasets``) and raise :class:`DatasetUnavailable` with the fix when
+it is empty and offline; ``resnet50`` and ``synthetic`` generate their data.
+
+The parameter server ships parameters and gradients as one flat float32 vector: :func:`flat_size`,
+:func:`get_flat`, :func:`set_flat` and :func:`gradient_fn` map a model to and from that vector.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any
+
+from aggregathor.experiments.base import (
+    DatasetUnavailable,
+    Experiment,
+    batch_indices,
+    partition_labels,
+    register,
+    registry,
+)
+from aggregathor.experiments.flat import FlatView, flat_size, flat_view, get_flat, gradient_fn, set_flat
+
+__all__ = [
+    "DEFAULT",
+    "DatasetUnavailable",
+    "Experiment",
+    "FlatView",
+    "batch_indices",
+    "flat_size",
+    "flat_view",
+    "get",
+    "get_flat",
+    "gradient_fn",
+    "names",
+    "partition_labels",
+    "register",
+    "registry",
+    "set_flat",
+]
+
+DEFAULT = "digits"
+_PRIVATE = {"base", "flat", "models"}
+
+
+def _load_all() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_") and info.name not in _PRIVATE:
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+def names() -> list[str]:
+    """Names of the registered experiments, sorted."""
+    _load_all()
+    return sorted(registry())
+
+
+def get(name: str = DEFAULT, **options: Any) -> Experiment:
+    """Build the experiment ``name`` with its ``options`` (see each experiment's docstring).
+
+    Raises ValueError naming the known experiments for an unknown name, TypeError for an unknown option.
+    ``get(**exp.get_config())`` rebuilds ``exp``.
+    """
+    _load_all()
+    table = registry()
+    if name not in table:
+        raise ValueError(f"unknown experiment {name!r}; known: {', '.join(sorted(table))}")
+    return table[name](**options)
