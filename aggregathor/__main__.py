@@ -1,18 +1,101 @@
-"""``python -m aggregathor`` / ``aggregathor``: command-line entry point."""
+"""``python -m aggregathor`` / ``aggregathor``: train, plot, info."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from typing import Any
+
+from aggregathor.config import TrainConfig
+
+
+def _train_parser(sub: Any) -> None:
+    tr = sub.add_parser("train", help="train with a trusted parameter server and n workers, f of them Byzantine",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = TrainConfig()
+    tr.add_argument("--config", help="TOML file of settings (flags given here override it)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("gar_options", "attack_options"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        kind = type(default) if default is not None else str
+        tr.add_argument(flag, type=kind, default=None, help=f"(default: {default})")
+    tr.add_argument("--gar-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra argument of the rule, e.g. m=5 (JSON values)")
+    tr.add_argument("--attack-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra argument of the attack, e.g. z=1.5 (JSON values)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.add_argument("--compare", action="store_true",
+                    help="also run 'average' under the same attack and print both accuracies")
+
+
+def _options(items: list[str], flag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"{flag} expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if args.gar_option:
+        given["gar_options"] = _options(args.gar_option, "--gar-option")
+    if args.attack_option:
+        given["attack_options"] = _options(args.attack_option, "--attack-option")
+    if args.config:
+        return TrainConfig.from_toml(args.config, **given)
+    return TrainConfig.from_dict(given)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from aggregathor.config import ConfigError
+    from aggregathor.launch import launch, summary_line
+
+    try:
+        cfg = _config(args)
+    except ConfigError as exc:
+        print(f"aggregathor train: {exc}", file=sys.stderr)
+        return 2
+    summary = launch(cfg, progress=not args.quiet)
+    print(f"{cfg.gar}: {summary_line(summary)}")
+    if args.compare and cfg.gar != "average":
+        base = dataclasses.replace(cfg, gar="average", gar_options={}, run_dir=cfg.run_dir + "-average",
+                                   json_out=(cfg.json_out + ".average.json") if cfg.json_out else None)
+        other = launch(base, progress=not args.quiet)
+        print(f"average: {summary_line(other)}")
+        print(f"with {cfg.byzantine} Byzantine worker(s) running '{cfg.attack}': {cfg.gar} reaches "
+              f"{summary.accuracy:.3f}, averaging {other.accuracy:.3f}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aggregathor", description="Byzantine-resilient SGD on TensorFlow 2")
     sub = parser.add_subparsers(dest="cmd", required=True)
+    _train_parser(sub)
+    pl = sub.add_parser("plot", help="PNGs comparing runs: accuracy against time and against step")
+    pl.add_argument("runs", nargs="+", help="run directories (each with eval.jsonl)")
+    pl.add_argument("--out", default="plots", help="output folder")
     inf = sub.add_parser("info", help="versions and the TensorFlow devices the aggregation rules can use")
     inf.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.cmd == "train":
+        return _train(args)
+    if args.cmd == "plot":
+        from aggregathor.plot import plot_runs
+
+        for path in plot_runs(args.runs, args.out):
+            print(path)
+        return 0
     import aggregathor
     import lossympi
 

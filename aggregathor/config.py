@@ -1,0 +1,124 @@
+"""The training configuration: one validated dataclass, from flags or a TOML file.
+
+Impossible settings (an ``f`` too large for the rule, more Byzantine workers than workers, an unknown rule,
+attack or experiment) raise :class:`ConfigError` before any process starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConfigError", "TrainConfig", "TRANSPORTS", "LAUNCHERS"]
+
+TRANSPORTS = ("lossympi", "tcp", "mpi", "grpc")
+LAUNCHERS = ("local", "mpi", "simulate")
+OPTIMIZERS = ("sgd", "momentum", "adam")
+SCHEDULES = ("constant", "cosine", "step")
+PARAM_MODES = ("lossy", "reliable")
+
+
+class ConfigError(ValueError):
+    """A training setting that cannot work; the message names it and how to fix it."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs. Field names are the long flags (``--byzantine`` ...)."""
+
+    experiment: str = "digits"
+    gar: str = "multi-krum"
+    workers: int = 8
+    f: int = 1
+    byzantine: int = 1
+    attack: str = "alie"
+    steps: int = 300
+    batch_size: int = 32
+    optimizer: str = "momentum"
+    lr: float = 0.1
+    momentum: float = 0.9
+    schedule: str = "constant"
+    transport: str = "lossympi"
+    loss: float = 0.01
+    fill: str = "zero"
+    params: str = "lossy"
+    deadline: float = 2.0
+    seed: int = 0
+    partition: str = "iid"
+    alpha: float = 0.5
+    eval_every: int = 50
+    checkpoint_every: int = 100
+    run_dir: str = "runs/latest"
+    launcher: str = "local"
+    json_out: str | None = None
+    gar_options: dict[str, Any] = field(default_factory=dict)
+    attack_options: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Load ``path`` (a flat TOML table of the fields, or a ``[train]`` table), then apply overrides."""
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        data = data.get("train", data)
+        return cls.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        cfg = cls(**{k.replace("-", "_"): v for k, v in data.items()})
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> TrainConfig:
+        """Check every setting; raise ConfigError naming the first impossible one."""
+        from aggregathor import attacks, experiments, gars
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(isinstance(self.workers, int) and self.workers >= 1, f"--workers must be >= 1, got {self.workers}")
+        need(isinstance(self.f, int) and self.f >= 0, f"--f must be >= 0, got {self.f}")
+        need(isinstance(self.byzantine, int) and 0 <= self.byzantine <= self.workers,
+             f"--byzantine {self.byzantine} must be between 0 and the number of workers ({self.workers})")
+        need(self.byzantine <= self.f or self.gar == "average",
+             f"--byzantine {self.byzantine} exceeds the declared bound --f {self.f}: the rule would not be "
+             "guaranteed to tolerate them; raise --f (if the rule allows it) or lower --byzantine")
+        need(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+        need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(self.optimizer in OPTIMIZERS, f"unknown --optimizer {self.optimizer!r}; use one of {OPTIMIZERS}")
+        need(self.schedule in SCHEDULES, f"unknown --schedule {self.schedule!r}; use one of {SCHEDULES}")
+        need(self.transport in TRANSPORTS, f"unknown --transport {self.transport!r}; use one of {TRANSPORTS}")
+        need(self.launcher in LAUNCHERS, f"unknown --launcher {self.launcher!r}; use one of {LAUNCHERS}")
+        need(self.params in PARAM_MODES, f"unknown --params {self.params!r}; use one of {PARAM_MODES}")
+        need(0.0 <= self.loss < 1.0, f"--loss must be a probability in [0, 1), got {self.loss}")
+        need(self.loss == 0 or self.transport == "lossympi",
+             f"--loss {self.loss} emulates datagram loss on lossympi; with --transport {self.transport} emulate "
+             "loss on the network instead (tools/netem)")
+        need(self.deadline > 0, f"--deadline must be > 0 seconds, got {self.deadline}")
+        need(self.partition in ("iid", "dirichlet"), f"--partition must be iid or dirichlet, got {self.partition!r}")
+        if self.experiment not in experiments.names():
+            raise ConfigError(f"unknown --experiment {self.experiment!r}; known: {', '.join(experiments.names())}")
+        if self.byzantine and self.attack not in attacks.names():
+            raise ConfigError(f"unknown --attack {self.attack!r}; known: {', '.join(attacks.names())}")
+        try:
+            gars.get(self.gar, self.workers, self.f, **self.gar_options)
+        except ValueError as exc:  # unknown rule or violated bound: the rule's message names it
+            raise ConfigError(f"--gar {self.gar} with --workers {self.workers} --f {self.f}: {exc}") from exc
+        return self

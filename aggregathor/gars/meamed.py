@@ -1,0 +1,39 @@
+"""MeaMed: per coordinate, the mean of the n - f values closest to the median."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from aggregathor.gars import _sortnet
+from aggregathor.gars.base import GAR, register
+
+
+@register
+class MeaMed(GAR):
+    r"""Mean around the median: per coordinate :math:`j`, with :math:`m_j` the median of the finite values,
+
+    .. math:: \mathrm{meamed}_j = \frac{1}{n-f} \sum_{i \in N_j} G_{ij}, \qquad
+              N_j = \operatorname*{arg\,min}_{|N| = n-f} \sum_{i \in N} |G_{ij} - m_j|,
+
+    the :math:`n - f` values nearest to the median. Xie, Koyejo, Gupta, "Generalized Byzantine-tolerant SGD",
+    arXiv:1802.10116, 2018 (Definition 5). Needs ``n >= 2f + 1``.
+
+    Ties in distance go to the smaller value (the leftmost such window of ``n - f`` consecutive sorted
+    values). Non-finite values are at distance ``+inf`` (``nan_robust``: with at most ``f`` of them per
+    coordinate, they are never among the ``n - f`` nearest); with more, the coordinate is non-finite.
+
+    No sort op, no gather: one pruned compare-exchange network selects the ``f`` lowest and ``f`` highest
+    ranks and the median ranks while keeping the middle block as an unordered multiset, and the window is
+    decided by ``f`` exact comparisons ``|v_{a+n-f} - m| < |v_a - m|`` and summed by ``f`` selects
+    (:func:`~aggregathor.gars._sortnet.mean_around_median`).
+    """
+
+    name = "meamed"
+    nan_robust = True
+
+    def check(self) -> None:
+        self._require(self.n >= 2 * self.f + 1, "n >= 2f + 1")
+
+    def aggregate(self, x: tf.Tensor) -> tf.Tensor:
+        self.check()  # the window logic relies on the bound
+        return _sortnet.mean_around_median(x, self.n - self.f)

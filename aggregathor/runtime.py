@@ -1,0 +1,280 @@
+"""The training loops: the trusted parameter server (rank 0) and the workers (ranks 1..n).
+
+Each synchronous step:
+
+1. the server broadcasts the step number reliably (``control``), then the parameters (``params``);
+2. every worker loads them, computes the gradient of its own mini-batch (from its own shard; a Byzantine
+   worker replaces it by an attack) and sends it (``grads``);
+3. the server gathers the gradients until the step's deadline, fills what is missing, aggregates them with
+   the robust rule and applies the Keras optimizer.
+
+The server only ever reads numbers from the workers: fixed-size float32 vectors, checked by the transport
+(size, dtype, step tag) before a byte is written. It runs no code that came over the network.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from aggregathor import attacks, experiments, gars
+from aggregathor.config import TrainConfig
+from aggregathor.transport import GatherReport, StepTransport
+
+__all__ = ["Deadline", "RunSummary", "build_optimizer", "run_server", "run_worker", "worker_role"]
+
+log = logging.getLogger(__name__)
+
+
+def build_optimizer(cfg: TrainConfig) -> Any:
+    """The Keras optimizer of ``cfg`` (SGD, SGD with momentum or Adam) with its learning-rate schedule."""
+    import keras
+
+    lr: Any = cfg.lr
+    if cfg.schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=cfg.steps)
+    elif cfg.schedule == "step":
+        lr = keras.optimizers.schedules.PiecewiseConstantDecay(
+            [cfg.steps // 2, (3 * cfg.steps) // 4], [cfg.lr, cfg.lr / 10, cfg.lr / 100])
+    if cfg.optimizer == "adam":
+        return keras.optimizers.Adam(lr)
+    return keras.optimizers.SGD(lr, momentum=cfg.momentum if cfg.optimizer == "momentum" else 0.0)
+
+
+def worker_role(cfg: TrainConfig, rank: int) -> bool:
+    """True when worker ``rank`` (1..n) is Byzantine: the last ``cfg.byzantine`` ranks are."""
+    return rank > cfg.workers - cfg.byzantine
+
+
+class Deadline:
+    """Adaptive gather deadline.
+
+    A step waits at most ``cap`` seconds. Once a step has completed, it waits ``factor`` times the median
+    (over the last ``window`` steps) of the time by which every complete gradient had arrived, plus
+    ``slack``: a step with a lost datagram then costs a little more than a lossless one, not the cap.
+    """
+
+    def __init__(self, cap: float, factor: float = 2.0, slack: float = 0.01, window: int = 20) -> None:
+        self.cap = cap
+        self.factor = factor
+        self.slack = slack
+        self.history: deque[float] = deque(maxlen=window)
+
+    def next(self) -> float:
+        if not self.history:
+            return self.cap
+        return min(self.cap, self.factor * float(np.median(self.history)) + self.slack)
+
+    def observe(self, seconds: float) -> None:
+        """Record how long a complete exchange took."""
+        self.history.append(float(seconds))
+
+    def observe_gather(self, report: GatherReport, workers: int) -> None:
+        """Record the arrival time of the last complete gradient, when most gradients were complete."""
+        if report.complete_elapsed and len(report.complete_elapsed) >= max(1, workers // 2):
+            self.observe(max(report.complete_elapsed))
+
+
+@dataclass
+class RunSummary:
+    """The JSON summary of a run (``--json-out``)."""
+
+    accuracy: float
+    loss: float
+    steps: int
+    wall_seconds: float
+    steps_per_second: float
+    lost_chunk_fraction: float
+    lost_gradients: int
+    rejected_datagrams: int
+    config: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Flat:
+    """Apply a flat aggregated gradient to a model's variables with one traced function."""
+
+    def __init__(self, model: Any, optimizer: Any) -> None:
+        self.vars = list(model.trainable_variables)
+        self.sizes = [int(np.prod(v.shape)) for v in self.vars]
+        self.shapes = [v.shape for v in self.vars]
+        self.optimizer = optimizer
+
+        @tf.function
+        def apply(g: tf.Tensor) -> None:
+            parts = tf.split(g, self.sizes)
+            self.optimizer.apply_gradients(
+                [(tf.reshape(p, s), v) for p, s, v in zip(parts, self.shapes, self.vars, strict=True)])
+
+        self.apply = apply
+
+    def get(self) -> np.ndarray:
+        return np.concatenate([v.numpy().reshape(-1) for v in self.vars]).astype(np.float32, copy=False)
+
+
+async def run_server(cfg: TrainConfig, transport: StepTransport, *, progress: bool = True) -> RunSummary:
+    """The parameter server's loop; returns the run summary (also written to ``cfg.json_out``)."""
+    exp = experiments.get(cfg.experiment)
+    model = exp.build_model(cfg.seed)
+    optimizer = build_optimizer(cfg)
+    flat = _Flat(model, optimizer)
+    theta = flat.get()
+    d = theta.size
+    n = cfg.workers
+    rule = gars.get(cfg.gar, n, cfg.f, **cfg.gar_options)
+    rows = np.zeros((n + 1, d), np.float32)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+    step_var = tf.Variable(0, dtype=tf.int64, name="step")
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
+    manager = tf.train.CheckpointManager(ckpt, str(run_dir / "checkpoints"), max_to_keep=3)
+    if manager.latest_checkpoint:
+        ckpt.restore(manager.latest_checkpoint)
+        log.info("resumed from %s at step %d", manager.latest_checkpoint, int(step_var.numpy()))
+    start = int(step_var.numpy())
+    writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
+    evals = (run_dir / "eval.jsonl").open("a")
+    deadline = Deadline(cfg.deadline)
+    lost_chunks = chunks = lost_grads = rejected = 0
+    history: list[dict[str, Any]] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.gar} n={n} f={cfg.f}", unit="step", leave=True)
+    await transport.control({"ready": True})  # every worker has traced its functions: steps start together
+    t0 = time.monotonic()
+    last_eval: dict[str, Any] = {}
+    try:
+        for step in range(start, cfg.steps):
+            await transport.control({"step": step})
+            theta[...] = flat.get()
+            await transport.params(theta, timeout=cfg.deadline)
+            report = await transport.grads(None, rows, time.monotonic() + deadline.next())
+            assert report is not None
+            deadline.observe_gather(report, n)
+            lost_chunks += report.lost_chunks
+            chunks += report.chunks
+            rejected += report.rejected
+            lost_grads += int(np.sum(report.delivered == 0))
+            g = rule(rows[1:])
+            if not bool(tf.reduce_all(tf.math.is_finite(g))):
+                log.warning("step %d: the aggregate is not finite (rule %s); update skipped", step, cfg.gar)
+            else:
+                flat.apply(g)
+            step_var.assign(step + 1)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(lost=f"{100 * lost_chunks / max(1, chunks):.2f}%", acc=last_eval.get("accuracy", "-"))
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                last_eval = _evaluate(exp, model, step + 1, t0, lost_chunks, chunks, lost_grads, writer, evals)
+                history.append(last_eval)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                manager.save(checkpoint_number=step + 1)
+        manager.save(checkpoint_number=cfg.steps)
+        await transport.control({"stop": True})
+    finally:
+        if bar is not None:
+            bar.close()
+        evals.close()
+    wall = time.monotonic() - t0
+    final = history[-1] if history else _evaluate(exp, model, cfg.steps, t0, lost_chunks, chunks, lost_grads,
+                                                   writer, None)
+    done = cfg.steps - start
+    summary = RunSummary(
+        accuracy=float(final["accuracy"]), loss=float(final["loss"]), steps=cfg.steps, wall_seconds=wall,
+        steps_per_second=done / wall if wall > 0 else 0.0,
+        lost_chunk_fraction=lost_chunks / chunks if chunks else 0.0, lost_gradients=lost_grads,
+        rejected_datagrams=rejected, config=cfg.to_dict(), history=history)
+    if cfg.json_out:
+        Path(cfg.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.json_out).write_text(json.dumps(summary.__dict__, indent=1, default=str))
+    return summary
+
+
+def _evaluate(exp: Any, model: Any, step: int, t0: float, lost: int, chunks: int, lost_grads: int, writer: Any,
+              evals: Any) -> dict[str, Any]:
+    metrics = exp.evaluate(model)
+    row = {"wall": round(time.monotonic() - t0, 4), "step": step, "loss": float(metrics["loss"]),
+           "accuracy": float(metrics["accuracy"]), "lost_chunk_fraction": lost / chunks if chunks else 0.0,
+           "lost_gradients": lost_grads}
+    with writer.as_default(step=step):
+        tf.summary.scalar("test/accuracy", row["accuracy"])
+        tf.summary.scalar("test/loss", row["loss"])
+        tf.summary.scalar("transport/lost_chunk_fraction", row["lost_chunk_fraction"])
+    if evals is not None:
+        evals.write(json.dumps(row) + "\n")
+        evals.flush()
+    return row
+
+
+async def run_worker(cfg: TrainConfig, transport: StepTransport) -> int:
+    """A worker's loop (honest, or Byzantine when its rank is among the last ``cfg.byzantine``).
+
+    Returns the number of steps it took part in.
+    """
+    rank = transport.rank
+    exp = experiments.get(cfg.experiment)
+    model = exp.build_model(cfg.seed)
+    d = experiments.flat_size(model)
+    shard = exp.partition(cfg.workers, scheme=cfg.partition, alpha=cfg.alpha, seed=cfg.seed)[rank - 1]
+    batches = exp.batches(shard, cfg.batch_size, seed=cfg.seed * 1_000_003 + rank)
+    grad_fn = experiments.gradient_fn(model, exp.loss)
+    byzantine = worker_role(cfg, rank)
+    attack = attacks.get(cfg.attack, **cfg.attack_options) if byzantine else None
+    rng = np.random.default_rng([cfg.seed, 0xB42])  # shared by the colluding workers: same draws
+    theta = experiments.get_flat(model)
+    grad = np.zeros(d, np.float32)
+    x, y = next(batches)
+    grad_fn(x, y)  # trace before the first step, so that it is not late
+    experiments.set_flat(model, theta)
+    param_deadline = Deadline(cfg.deadline)
+    steps = 0
+    while True:
+        meta = await transport.control(None)
+        if meta.get("stop"):
+            return steps
+        if meta.get("ready"):
+            continue
+        t0 = time.monotonic()
+        delivered = await transport.params(theta, timeout=param_deadline.next())
+        if delivered == 1.0:
+            param_deadline.observe(time.monotonic() - t0)
+        experiments.set_flat(model, theta)
+        if attack is None:
+            x, y = next(batches)
+            g, _ = grad_fn(x, y)
+            grad[...] = g.numpy()
+        else:
+            grad[...] = _byzantine_gradient(cfg, attack, grad_fn, batches, rng)
+        await transport.grads(grad, None, time.monotonic() + cfg.deadline)
+        steps += 1
+
+
+def _byzantine_gradient(cfg: TrainConfig, attack: Any, grad_fn: Any, batches: Any, rng: np.random.Generator) -> Any:
+    """The attack's gradient. The attacker sees honest gradients as the literature assumes: it computes
+    ``n - f`` honest gradients on its own shard (the same distribution as the honest workers') and hands
+    them to the attack, which returns the ``cfg.byzantine`` colluding gradients; this rank sends its own row.
+    """
+    honest = []
+    for _ in range(max(2, cfg.workers - cfg.byzantine)):
+        x, y = next(batches)
+        g, _ = grad_fn(x, y)
+        honest.append(g.numpy())
+    byz = attack(np.stack(honest), cfg.byzantine, rng=rng)
+    return byz[0]
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=os.environ.get("AGGREGATHOR_LOG", "WARNING"),
+                        format="%(asctime)s %(name)s rank=%(process)d %(levelname)s %(message)s")
