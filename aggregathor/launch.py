@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
 from aggregathor.config import TrainConfig
 from aggregathor.runtime import RunSummary
 
@@ -82,13 +83,12 @@ def _launch_local(cfg: TrainConfig, *, progress: bool) -> RunSummary:
 
 def run_rank(cfg: TrainConfig, *, method: str = "env", progress: bool = True) -> RunSummary | None:
     """Run one rank: bootstrap lossympi, then the server's loop on rank 0 or a worker's elsewhere."""
+    from aggregathor.runtime import configure_logging, run_server, run_worker
+    from aggregathor.transport import LossympiTransport
     from lossympi.bootstrap import from_env, from_mpi
     from lossympi.comm import Comm
     from lossympi.endpoint import new_event_loop
     from lossympi.faults import FaultInjector, FaultSpec
-
-    from aggregathor.runtime import configure_logging, run_server, run_worker
-    from aggregathor.transport import LossympiTransport
 
     configure_logging()
     world = from_mpi() if method == "mpi" else from_env()
