@@ -67,6 +67,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"aggregathor train: {exc}", file=sys.stderr)
         return 2
     summary = launch(cfg, progress=not args.quiet)
+    if summary is None:  # a worker rank under mpiexec: the server reports
+        return 0
     print(f"{cfg.gar}: {summary_line(summary)}")
     if args.compare and cfg.gar != "average":
         base = dataclasses.replace(cfg, gar="average", gar_options={}, run_dir=cfg.run_dir + "-average",

@@ -31,8 +31,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(cfg: TrainConfig, *, progress: bool = True) -> RunSummary:
-    """Run ``cfg`` with its launcher and return the server's summary."""
+def launch(cfg: TrainConfig, *, progress: bool = True) -> RunSummary | None:
+    """Run ``cfg`` with its launcher and return the server's summary (None on a worker rank under MPI)."""
     cfg.validate()
     if cfg.launcher == "simulate":
         from aggregathor.simulate import simulate
