@@ -251,8 +251,10 @@ async def run_worker(cfg: TrainConfig, transport: StepTransport) -> int:
         if delivered == 1.0:
             param_deadline.observe(time.monotonic() - t0)
         experiments.set_flat(model, theta)
-        if attack is None:
+        if attack is None or getattr(attack, "space", "gradient") == "data":
             x, y = next(batches)
+            if attack is not None:
+                x, y = attack.poison(x, y, rng)
             g, _ = grad_fn(x, y)
             grad[...] = g.numpy()
         else:
