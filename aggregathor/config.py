@@ -34,7 +34,7 @@ class TrainConfig:
     workers: int = 8
     f: int = 1
     byzantine: int = 1
-    attack: str = "alie"
+    attack: str = "reverse"
     steps: int = 300
     batch_size: int = 32
     optimizer: str = "momentum"
