@@ -107,6 +107,8 @@ class TrainConfig:
         need(self.transport in TRANSPORTS, f"unknown --transport {self.transport!r}; use one of {TRANSPORTS}")
         need(self.launcher in LAUNCHERS, f"unknown --launcher {self.launcher!r}; use one of {LAUNCHERS}")
         need(self.params in PARAM_MODES, f"unknown --params {self.params!r}; use one of {PARAM_MODES}")
+        need(self.transport != "mpi" or self.launcher == "mpi",
+             "--transport mpi needs the MPI launcher: mpiexec -n N+1 aggregathor train --launcher mpi --transport mpi")
         need(0.0 <= self.loss < 1.0, f"--loss must be a probability in [0, 1), got {self.loss}")
         need(self.loss == 0 or self.transport == "lossympi",
              f"--loss {self.loss} emulates datagram loss on lossympi; with --transport {self.transport} emulate "

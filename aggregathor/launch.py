@@ -91,18 +91,26 @@ def run_rank(cfg: TrainConfig, *, method: str = "env", progress: bool = True) ->
     from lossympi.faults import FaultInjector, FaultSpec
 
     configure_logging()
+    if cfg.transport == "mpi" and method != "mpi":
+        raise SystemExit("--transport mpi needs ranks started by mpiexec: run "
+                         "'mpiexec -n N+1 python -m aggregathor train --launcher mpi --transport mpi ...'")
     world = from_mpi() if method == "mpi" else from_env()
     if world.size != cfg.workers + 1:
         raise SystemExit(f"the world has {world.size} ranks but --workers {cfg.workers} needs {cfg.workers + 1}")
-    comm = Comm.from_world(world, fill=cfg.fill)
-    comm.control.max_bytes = max(comm.control.max_bytes, 64 << 20)
-    if cfg.loss:
-        comm.endpoint.faults = FaultInjector(FaultSpec(drop=cfg.loss), seed=cfg.seed * 7919 + world.rank)
     from aggregathor import gars
 
     rule = gars.get(cfg.gar, cfg.workers, cfg.f, **cfg.gar_options)
-    transport = LossympiTransport(comm, params_mode=cfg.params, fill=cfg.fill,
-                                  lost_row_fill=float("nan") if rule.nan_robust else 0.0)
+    lost_row_fill = float("nan") if rule.nan_robust else 0.0
+    if cfg.transport == "lossympi":
+        comm = Comm.from_world(world, fill=cfg.fill)
+        comm.control.max_bytes = max(comm.control.max_bytes, 64 << 20)
+        if cfg.loss:
+            comm.endpoint.faults = FaultInjector(FaultSpec(drop=cfg.loss), seed=cfg.seed * 7919 + world.rank)
+        transport = LossympiTransport(comm, params_mode=cfg.params, fill=cfg.fill, lost_row_fill=lost_row_fill)
+    else:  # the reliable baselines (aggregathor.transports): tcp, grpc, mpi
+        from aggregathor.transports import build_transport
+
+        transport = build_transport(cfg.transport, world, mpi=method == "mpi", lost_row_fill=lost_row_fill)
     loop = new_event_loop()
     try:
         if world.rank == 0:

@@ -34,6 +34,7 @@ def cfg(tmp_path: Path, **kw) -> TrainConfig:
         (dict(attack="no-such-attack"), "unknown --attack"),
         (dict(experiment="imagenet"), "unknown --experiment"),
         (dict(transport="carrier-pigeon"), "unknown --transport"),
+        (dict(transport="mpi", loss=0), "needs the MPI launcher"),
         (dict(loss=1.5), "--loss"),
         (dict(unknown_knob=1), "unknown setting"),
     ],

@@ -1,0 +1,332 @@
+"""The reliable baselines of aggregathor.transports (issue 6, item 2): tcp, grpc and mpi behind StepTransport.
+
+In-process checks (every rank on one event loop, over 127.0.0.1): parameters reach every worker bit-exact,
+gradients land in their rows, late and malformed gradients are lost (their row is the lost fill) without
+corrupting anything else or desynchronising the stream, rogue connections and calls are refused. Then one
+short real training run per transport (the three are started together, to share the start-up time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import run, wait_until
+
+from aggregathor.transports import (
+    HEADER,
+    KIND_GRAD,
+    MAGIC,
+    GrpcTransport,
+    TCPTransport,
+    TransportError,
+    build_transport,
+)
+from lossympi.bootstrap import local_worlds
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = 4  # the server and 3 workers
+D = 4099  # not a multiple of anything in particular
+
+
+def _random_bits(seed: int, d: int = D) -> np.ndarray:
+    """float32 of uniformly random bits: NaNs with payloads, infinities, -0.0, subnormals included."""
+    return np.random.default_rng(seed).integers(0, 2**32, d, dtype=np.uint32).view(np.float32)
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and bool(np.array_equal(a.view(np.uint32), b.view(np.uint32)))
+
+
+class Ranks:
+    """The server and the workers of one in-process world, driven one exchange at a time."""
+
+    def __init__(self, ts: list[Any]) -> None:
+        self.ts = ts
+        self.server, self.workers = ts[0], ts[1:]
+        self.rows = np.zeros((SIZE, D), np.float32)
+        self.thetas = [np.zeros(D, np.float32) for _ in self.workers]
+
+    async def control(self, step: int) -> None:
+        metas = await asyncio.gather(self.server.control({"step": step}), *(t.control(None) for t in self.workers))
+        assert all(m == {"step": step} for m in metas)
+
+    async def params(self, seed: int, workers: tuple[int, ...] = (1, 2, 3)) -> np.ndarray:
+        theta = _random_bits(seed)
+        got = await asyncio.gather(self.server.params(theta, 5.0),
+                                   *(self.ts[r].params(self.thetas[r - 1], 5.0) for r in workers))
+        assert got == [1.0] * (1 + len(workers))
+        for r in workers:
+            assert _same_bits(self.thetas[r - 1], theta), f"rank {r} got other parameters"
+        return theta
+
+    async def step(self, step: int, senders: tuple[int, ...] = (1, 2, 3), deadline: float = 20.0,
+                   extra: Any = None) -> tuple[Any, dict[int, np.ndarray]]:
+        """One round where ``senders`` send their gradient in time (and ``extra()`` runs during the gather)."""
+        await self.control(step)
+        await self.params(1000 + step)
+        grads = {r: _random_bits(100 * step + r) for r in senders}
+        self.rows.fill(7.0)
+        gather = asyncio.ensure_future(self.server.grads(None, self.rows, time.monotonic() + deadline))
+        if extra is not None:
+            await extra()
+        await asyncio.gather(*(self.ts[r].grads(g, None, time.monotonic() + deadline) for r, g in grads.items()))
+        report = await gather
+        for r, g in grads.items():
+            assert _same_bits(self.rows[r], g), f"row {r} differs from what rank {r} sent"
+        return report, grads
+
+    async def stop(self) -> None:
+        await asyncio.gather(self.server.control({"stop": True}), *(t.control(None) for t in self.workers))
+
+
+def _with_ranks(cls: type, body: Any, **kw: Any) -> None:
+    async def main() -> None:
+        worlds = local_worlds(SIZE)
+        ts = [cls(w, lost_row_fill=float("nan"), control_timeout=30.0, **kw) for w in worlds]
+        try:
+            await asyncio.wait_for(body(ts), 60)
+        finally:
+            for t in ts:
+                t.close()
+            for w in worlds:
+                w.close()
+
+    run(main())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tcp
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_tcp_exchanges_are_exact_and_survive_late_malformed_and_rogue_traffic():
+    async def body(ts: list[TCPTransport]) -> None:
+        server = ts[0]
+        # ranks 0-2 start; a rogue that claims rank 3 without its key is refused; then the real rank 3 joins
+        first = [asyncio.ensure_future(t.connect()) for t in ts[:3]]
+        await wait_until(lambda: server.data_port is not None, 20, "the data listener")
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.data_port)
+        await reader.readexactly(16)  # the server's nonce
+        writer.write(b"\x03\0\0\0" + os.urandom(16 + 32))
+        assert await reader.read() == b""  # closed without an acknowledgement
+        writer.close()
+        assert server.rejected_connections == 1
+        await asyncio.gather(*first, ts[3].connect())
+        assert sorted(server._peers) == [1, 2, 3]
+
+        ranks = Ranks(ts)
+        report, _ = await ranks.step(0)
+        assert report.delivered.tolist() == [1.0, 1.0, 1.0] and report.rejected == 0
+        assert report.lost_chunks == 0 and len(report.complete_elapsed) == 3
+
+        # round 1: rank 3 misses the deadline; its late frame is read and discarded next round
+        report, _ = await ranks.step(1, senders=(1, 2), deadline=0.3)
+        assert report.delivered.tolist() == [1.0, 1.0, 0.0] and report.lost_chunks == 1
+        assert np.isnan(ranks.rows[3]).all()
+        await ts[3].grads(_random_bits(999), None, time.monotonic() + 1)
+        report, _ = await ranks.step(2)
+        assert report.delivered.tolist() == [1.0, 1.0, 1.0]
+
+        # round 3: rank 2 sends a gradient one element short: refused, its row lost, the others intact
+        async def short_frame() -> None:
+            head = HEADER.pack(MAGIC, KIND_GRAD, 1, 0, ts[2]._round, (D - 1) * 4)
+            await asyncio.get_running_loop().sock_sendall(ts[2]._sock, head + bytes((D - 1) * 4))
+
+        report, _ = await ranks.step(3, senders=(1, 3), deadline=0.5, extra=short_frame)
+        assert report.delivered.tolist() == [1.0, 0.0, 1.0] and report.rejected == 1
+        assert np.isnan(ranks.rows[2]).all()
+        assert server._peers[2].alive and server.rejected == 1
+        report, _ = await ranks.step(4)  # still in sync
+        assert report.delivered.tolist() == [1.0, 1.0, 1.0] and report.rejected == 0
+
+        # round 5: garbage instead of a header: rank 2's connection is given up, the others go on
+        async def garbage() -> None:
+            await asyncio.get_running_loop().sock_sendall(ts[2]._sock, b"GET / HTTP/1.1\r\n\r\n" + bytes(64))
+
+        report, _ = await ranks.step(5, senders=(1, 3), deadline=20.0, extra=garbage)
+        assert report.delivered.tolist() == [1.0, 0.0, 1.0]
+        assert not server._peers[2].alive and np.isnan(ranks.rows[2]).all()
+        t0 = time.monotonic()
+        await ranks.control(6)
+        await ranks.params(1006, workers=(1, 3))
+        gather = asyncio.ensure_future(server.grads(None, ranks.rows, time.monotonic() + 20))
+        await asyncio.gather(*(ts[r].grads(_random_bits(r), None, 0) for r in (1, 3)))
+        report = await gather
+        assert report.delivered.tolist() == [1.0, 0.0, 1.0]
+        assert time.monotonic() - t0 < 10  # a dead connection is not waited for
+        await ranks.stop()
+
+    _with_ranks(TCPTransport, body)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# grpc
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_grpc_exchanges_are_exact_and_refuse_rogue_and_malformed_calls():
+    grpc = pytest.importorskip("grpc", reason="grpcio is not installed")
+
+    async def body(ts: list[GrpcTransport]) -> None:
+        server = ts[0]
+        await asyncio.gather(*(t.connect() for t in ts))
+        ranks = Ranks(ts)
+        report, _ = await ranks.step(0)
+        assert report.delivered.tolist() == [1.0, 1.0, 1.0] and report.rejected == 0
+
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.enable_http_proxy", 0)])
+        push = channel.unary_unary("/aggregathor.Step/Push")
+        params = channel.unary_unary("/aggregathor.Step/Params")
+        codes: list[Any] = []
+        PUSH = b"aggregathor-grpc-push-v1"  # noqa: N806 - rank 2's own MAC label: the rogue holds its key
+
+        def call(rpc: Any, request: bytes, md: tuple) -> None:
+            try:
+                rpc(request, metadata=md, timeout=10)
+                codes.append(None)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+
+        async def rogue() -> None:
+            rnd = ts[2]._round
+            good = HEADER.pack(MAGIC, KIND_GRAD, 1, 0, rnd, D * 4) + _random_bits(5).tobytes()
+            # no key: a forged MAC for rank 2
+            await asyncio.to_thread(call, push, good, (("agt-rank", "2"), ("agt-mac", os.urandom(32).hex())))
+            await asyncio.to_thread(call, params, rnd.to_bytes(8, "little"),
+                                    (("agt-rank", "1"), ("agt-mac", os.urandom(32).hex())))
+            # rank 2's key but a gradient one element short (and a header that lies about it)
+            short = HEADER.pack(MAGIC, KIND_GRAD, 1, 0, rnd, D * 4) + bytes((D - 1) * 4)
+            await asyncio.to_thread(call, push, short, (("agt-rank", "2"), ("agt-mac", ts[2]._mac(PUSH, short))))
+            # and a header that is not one
+            junk = b"GET / HTTP/1.1\r\n\r\n" + bytes(64)
+            await asyncio.to_thread(call, push, junk, (("agt-rank", "2"), ("agt-mac", ts[2]._mac(PUSH, junk))))
+
+        report, _ = await ranks.step(1, extra=rogue)
+        unauth, invalid = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT
+        assert codes == [unauth, unauth, invalid, invalid]
+        assert report.delivered.tolist() == [1.0, 1.0, 1.0] and report.rejected == 4
+        channel.close()
+
+        # round 2: rank 3 misses the deadline; its late push changes nothing
+        report, _ = await ranks.step(2, senders=(1, 2), deadline=0.3)
+        assert report.delivered.tolist() == [1.0, 1.0, 0.0] and report.lost_chunks == 1
+        assert np.isnan(ranks.rows[3]).all()
+        await ts[3].grads(_random_bits(999), None, time.monotonic() + 1)
+        assert np.isnan(ranks.rows[3]).all()
+        report, _ = await ranks.step(3)
+        assert report.delivered.tolist() == [1.0, 1.0, 1.0] and report.rejected == 0
+        await ranks.stop()
+
+    _with_ranks(GrpcTransport, body)
+
+
+def test_mpi_transport_needs_a_world_from_mpi():
+    worlds = local_worlds(2)
+    try:
+        with pytest.raises(TransportError, match="mpiexec"):
+            build_transport("mpi", worlds[0], mpi=False)
+        with pytest.raises(ValueError, match="unknown transport"):
+            build_transport("carrier-pigeon", worlds[0])
+    finally:
+        for w in worlds:
+            w.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# real training runs: the three transports are started together and checked one by one
+# ----------------------------------------------------------------------------------------------------------
+
+TRAIN = ["train", "--workers", "3", "--f", "0", "--byzantine", "0", "--gar", "average", "--steps", "30",
+         "--eval-every", "30", "--loss", "0", "--quiet"]
+
+
+def _mpiexec() -> Path | None:
+    found = Path(sys.executable).parent / "mpiexec"
+    if found.exists():
+        return found
+    which = shutil.which("mpiexec")
+    return Path(which) if which else None
+
+
+def _have_mpi4py() -> bool:
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def training_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("runs")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOSSYMPI_", "PMI", "OMPI_", "PMIX"))}
+    env |= {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "HYDRA_LAUNCHER": "fork"}
+    runs: dict[str, tuple[subprocess.Popen, Path, Path]] = {}
+
+    def start(name: str, argv: list[str]) -> None:
+        out = base / f"{name}.json"
+        log = (base / f"{name}.log").open("w")
+        cmd = [*argv, sys.executable, "-m", "aggregathor", *TRAIN, "--transport", name,
+               "--run-dir", str(base / name), "--json-out", str(out)]
+        if argv:
+            cmd.insert(cmd.index("--transport"), "--launcher")
+            cmd.insert(cmd.index("--transport"), "mpi")
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT)
+        log.close()
+        runs[name] = (proc, out, base / f"{name}.log")
+
+    try:
+        start("tcp", [])
+        start("grpc", [])
+        mpiexec = _mpiexec()
+        if mpiexec is not None and _have_mpi4py():
+            start("mpi", [str(mpiexec), "-n", "4"])
+        yield runs
+    finally:
+        for proc, _, _ in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _finished(runs: dict, name: str) -> dict:
+    proc, out, log = runs[name]
+    try:
+        proc.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"the {name} run did not finish in time:\n{log.read_text()[-4000:]}")
+    assert proc.returncode == 0, f"the {name} run failed:\n{log.read_text()[-4000:]}"
+    summary = json.loads(out.read_text())
+    assert summary["steps"] == 30
+    assert summary["config"]["transport"] == name
+    assert summary["accuracy"] > 0.5, summary
+    assert summary["steps_per_second"] > 0
+    print(f"{name}: {summary['steps_per_second']:.1f} steps/s, accuracy {summary['accuracy']:.3f}, "
+          f"{summary['lost_gradients']} lost gradients")
+    return summary
+
+
+@pytest.mark.parametrize("name", ["tcp", "grpc"])
+def test_training_run(training_runs, name):
+    summary = _finished(training_runs, name)
+    assert summary["rejected_datagrams"] == 0
+
+
+def test_training_run_under_mpiexec(training_runs):
+    if "mpi" not in training_runs:
+        pytest.skip("mpiexec or mpi4py is missing: the mpi transport runs only under mpiexec")
+    summary = _finished(training_runs, "mpi")
+    assert summary["lost_gradients"] == 0  # blocking collectives: every step waits for every gradient
+
