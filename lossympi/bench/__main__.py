@@ -23,6 +23,7 @@ from lossympi.bench._common import command_line, set_quiet
 #: Subcommand name -> module implementing it (imported only when chosen).
 SUBCOMMANDS: dict[str, str] = {
     "p2p": "lossympi.bench.p2p",
+    "gather": "lossympi.bench.gather",
 }
 
 
