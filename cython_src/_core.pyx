@@ -17,6 +17,7 @@ DEF HEADER_BYTES = 32
 DEF MAC_BYTES = 16
 DEF VERSION = 1
 DEF KIND_DATA = 1
+DEF KIND_FIN = 2
 DEF FLAG_MAC = 1
 DEF RECV_BATCH = 32
 DEF RECV_BUF = 65536
@@ -182,6 +183,7 @@ cdef struct Slot:
     uint32_t nrecv
     uint64_t dup
     uint64_t bytes_recv
+    int fin            # the sender said it has sent everything (a FIN datagram arrived)
 
 
 cdef inline uint64_t _mix(uint64_t x) nogil:
@@ -219,6 +221,9 @@ cdef class Core:
     cdef int last_hit          # slot that matched the previous datagram (flows come in runs)
     cdef int *done_list
     cdef int ndone
+    cdef int *fin_list
+    cdef int nfin
+    cdef readonly uint64_t fins
     cdef object slot_refs
     # completed tags: (src << 32 | tid) + 1 -> highest completed tag + 1
     cdef uint64_t *cm_keys
@@ -284,6 +289,7 @@ cdef class Core:
         self.nslots = max_slots
         self.slots = <Slot *>calloc(max_slots, sizeof(Slot))
         self.done_list = <int *>calloc(max_slots, sizeof(int))
+        self.fin_list = <int *>calloc(max_slots, sizeof(int))
         self.slot_refs = [None] * max_slots
         self.cm_cap = 256
         self.cm_keys = <uint64_t *>calloc(self.cm_cap, sizeof(uint64_t))
@@ -308,7 +314,7 @@ cdef class Core:
         self.cand_len = <uint32_t *>calloc(RECV_BATCH * (RECV_BUF // HEADER_BYTES), sizeof(uint32_t))
         self.cand_src = <uint32_t *>calloc(RECV_BATCH * (RECV_BUF // HEADER_BYTES), sizeof(uint32_t))
         if (self.keys == NULL or self.has_key == NULL or self.peers == NULL or self.has_peer == NULL
-                or self.slots == NULL or self.done_list == NULL or self.cm_keys == NULL
+                or self.slots == NULL or self.done_list == NULL or self.fin_list == NULL or self.cm_keys == NULL
                 or self.cm_vals == NULL or self.pool == NULL or self.pool_used == NULL
                 or self.pool_len == NULL or self.pool_src == NULL or self.pool_tid == NULL
                 or self.pool_tag == NULL or self.pool_free == NULL or self.pool_per_src == NULL
@@ -327,7 +333,7 @@ cdef class Core:
 
     def __dealloc__(self):
         free(self.keys); free(self.has_key); free(self.peers); free(self.has_peer)
-        free(self.slots); free(self.done_list); free(self.cm_keys); free(self.cm_vals)
+        free(self.slots); free(self.done_list); free(self.fin_list); free(self.cm_keys); free(self.cm_vals)
         free(self.pool); free(self.pool_used); free(self.pool_len); free(self.pool_src)
         free(self.pool_tid); free(self.pool_tag); free(self.pool_free); free(self.pool_per_src)
         free(self.rmsgs); free(self.riov); free(self.rbufs); free(self.rctrl); free(self.raddrs)
@@ -453,6 +459,16 @@ cdef class Core:
         cdef uint32_t count = lm_ld32(d + 24)
         cdef uint16_t stride = lm_ld16(d + 30)
         cdef uint64_t expect
+        if d[1] == KIND_FIN:
+            if d[2] != sl.dtype or count != sl.count or stride != sl.stride:
+                self._reject(R_SHAPE, sl.src)
+                return
+            self.fins += 1
+            if not sl.fin and sl.state == 1:
+                sl.fin = 1
+                self.fin_list[self.nfin] = s
+                self.nfin += 1
+            return
         if d[2] != sl.dtype or count != sl.count or stride != sl.stride or index >= count:
             self._reject(R_SHAPE, sl.src)
             return
@@ -533,7 +549,7 @@ cdef class Core:
         if L < HEADER_BYTES:
             self._reject(R_SHORT, -1)
             return -1
-        if d[0] != VERSION or d[1] != KIND_DATA or (d[3] & ~FLAG_MAC) != 0:
+        if d[0] != VERSION or (d[1] != KIND_DATA and d[1] != KIND_FIN) or (d[3] & ~FLAG_MAC) != 0:
             self._reject(R_HEADER, -1)
             return -1
         src = lm_ld32(d + 4)
@@ -545,6 +561,9 @@ cdef class Core:
             return -1
         plen = lm_ld16(d + 28)
         maclen = MAC_BYTES if (d[3] & FLAG_MAC) else 0
+        if d[1] == KIND_FIN and plen != 0:
+            self._reject(R_HEADER, -1)
+            return -1
         if HEADER_BYTES + plen + maclen != L:
             self._reject(R_SIZE, src)
             return -1
@@ -563,6 +582,9 @@ cdef class Core:
             return
         done = self._cm_get(src, tid)
         if done != 0 and tag < done:
+            if d[1] == KIND_FIN:  # the end of a message already closed: nothing to do, nothing wrong
+                self.fins += 1
+                return
             self.stale += 1
             self.stale_src[src] += 1
             return
@@ -724,13 +746,27 @@ cdef class Core:
         self.slots[s].nrecv = 0
         self.slots[s].dup = 0
         self.slots[s].bytes_recv = 0
+        self.slots[s].fin = 0
         self.slot_refs[s] = (ref, buf, bitmap)
         with nogil:
             self._pool_drain(s)
         return s
 
+    def slot_arrivals(self, int s):
+        """Data datagrams (new and duplicate) that have reached open slot ``s`` so far."""
+        if not 0 <= s < self.nslots or self.slots[s].state == 0:
+            raise ValueError(f"slot {s} is not open")
+        return int(self.slots[s].nrecv + self.slots[s].dup)
+
     def is_complete(self, int s):
         return 0 <= s < self.nslots and self.slots[s].state == 2
+
+    def take_fins(self):
+        """Open slots whose sender announced the end of its message since the last call."""
+        cdef int i
+        out = [self.fin_list[i] for i in range(self.nfin)]
+        self.nfin = 0
+        return out
 
     def take_done(self):
         """Slot ids completed since the last ``progress``/``take_done`` call."""
@@ -755,6 +791,12 @@ cdef class Core:
         sl.state = 0
         sl.buf = NULL
         sl.bitmap = NULL
+        cdef int i, k = 0
+        for i in range(self.nfin):  # a FIN of this message no longer concerns the slot (it may be reused)
+            if self.fin_list[i] != s:
+                self.fin_list[k] = self.fin_list[i]
+                k += 1
+        self.nfin = k
         self.slot_refs[s] = None
         return out
 
@@ -802,6 +844,48 @@ cdef class Core:
             import os as _os
             raise OSError(-r, f"lossympi send to rank {dst} failed: {_os.strerror(-r)}")
         return r
+
+    def send_fin(self, int dst, int dtype_code, uint64_t tag, uint32_t tid, uint64_t nbytes, uint32_t sent,
+                 int copies=2):
+        """Announce to ``dst`` that message ``(tag, tid)`` of ``nbytes`` bytes is fully sent (``sent``
+        datagrams); ``copies`` identical FIN datagrams make a lost announcement unlikely."""
+        self._check_rank(dst)
+        if not self.has_peer[dst] or (self.auth and not self.has_key[dst]):
+            raise ValueError(f"no address or key for rank {dst}")
+        cdef uint8_t buf[HEADER_BYTES + MAC_BYTES]
+        cdef uint64_t count = chunk_count(nbytes, self.stride)
+        cdef int maclen = MAC_BYTES if self.auth else 0
+        cdef iovec iov
+        cdef mmsghdr m[4]
+        cdef int i, r, err
+        if not 1 <= copies <= 4:
+            raise ValueError("copies must be 1..4")
+        buf[0] = VERSION
+        buf[1] = KIND_FIN
+        buf[2] = <uint8_t>dtype_code
+        buf[3] = FLAG_MAC if self.auth else 0
+        lm_st32(buf + 4, <uint32_t>self.rank)
+        lm_st64(buf + 8, tag)
+        lm_st32(buf + 16, tid)
+        lm_st32(buf + 20, sent)
+        lm_st32(buf + 24, <uint32_t>count)
+        lm_st16(buf + 28, 0)
+        lm_st16(buf + 30, <uint16_t>self.stride)
+        if self.auth:
+            lm_mac2(&self.keys[dst], buf, HEADER_BYTES, NULL, 0, buf + HEADER_BYTES)
+        iov.iov_base = buf
+        iov.iov_len = HEADER_BYTES + maclen
+        memset(m, 0, sizeof(m))
+        for i in range(copies):
+            m[i].msg_hdr.msg_name = &self.peers[dst]
+            m[i].msg_hdr.msg_namelen = sizeof(lm_addr)
+            m[i].msg_hdr.msg_iov = &iov
+            m[i].msg_hdr.msg_iovlen = 1
+        with nogil:
+            r = sendmmsg(self.fd, m, copies, 0)
+            err = lm_errno() if r < 0 else 0
+        # A FIN that cannot be sent is only an optimisation lost: the receiver falls back to its deadline.
+        return r if r >= 0 else -err
 
     cdef void _mac_segments(self, int dst, uint8_t *hm, const uint8_t **spay, const uint32_t *slen,
                             int ns) noexcept nogil:

@@ -130,6 +130,7 @@ class _Pending:
     rejected0: int
     deadline: float = 0.0
     timer: asyncio.TimerHandle | None = None
+    fin_arrivals: int = -1  # data datagrams seen when the sender's FIN came (-1: no FIN yet)
 
 
 def socket_capabilities(sock: socket.socket) -> dict[str, Any]:
@@ -206,6 +207,11 @@ class Endpoint:
         Size of the pool that holds datagrams arriving before their receive is posted.
     buffer_bytes : int
         Socket send and receive buffer to ask of the kernel.
+    send_fin : bool
+        After a message, send two FIN datagrams that tell the receiver nothing more is coming, so that a
+        lossy receive ends ``fin_grace`` seconds after the last datagram instead of at its deadline.
+    fin_grace : float
+        Seconds a receive still waits after its sender's FIN (for datagrams reordered behind it).
     """
 
     def __init__(
@@ -227,6 +233,8 @@ class Endpoint:
         unexpected_bytes: int = 64 << 20,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         check_address: bool = False,
+        send_fin: bool = True,
+        fin_grace: float = 0.002,
         seed: int | None = None,
     ) -> None:
         if sock.family != socket.AF_INET or sock.type != socket.SOCK_DGRAM:
@@ -270,6 +278,10 @@ class Endpoint:
         self.burst_bytes = int(burst_bytes) if burst_bytes else max(64 << 10, self.rcvbuf // 8)
         self.fill = fill
         self.faults = faults
+        self.send_fin = bool(send_fin)
+        if not fin_grace >= 0:
+            raise ValueError(f"fin_grace must be >= 0 seconds, got {fin_grace}")
+        self.fin_grace = float(fin_grace)
         self.rng = np.random.default_rng(seed)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._own_loop: asyncio.AbstractEventLoop | None = None
@@ -310,8 +322,41 @@ class Endpoint:
         return loop
 
     def _on_readable(self) -> None:
+        self._drain()
+
+    def _drain(self) -> None:
+        """Process what the socket holds: complete receives end now, announced ones after ``fin_grace``."""
         for s in self.core.progress():
             self._finish(s)
+        for s in self.core.take_fins():
+            self._announced(s)
+
+    def _announced(self, slot: int) -> None:
+        """The sender of ``slot``'s message sent its FIN: what is still missing was lost, or is still in flight
+        behind the FIN (datagrams can overtake each other, e.g. on different CPUs' backlogs). End the receive
+        once ``fin_grace`` seconds pass with no new datagram for it, instead of at the deadline."""
+        p = self._pending.get(slot)
+        if p is None or self._loop is None or p.fin_arrivals >= 0:
+            return
+        p.fin_arrivals = self.core.slot_arrivals(slot)
+        if p.timer is not None:
+            p.timer.cancel()
+        p.timer = self._loop.call_later(self.fin_grace, self._fin_check, slot)
+
+    def _fin_check(self, slot: int) -> None:
+        self._drain()
+        p = self._pending.get(slot)
+        if p is None or self._loop is None:
+            return
+        arrivals = self.core.slot_arrivals(slot)
+        remaining = p.deadline - time.monotonic()
+        if arrivals > p.fin_arrivals and remaining > self.fin_grace:
+            p.fin_arrivals = arrivals  # still flowing: wait another quiet interval
+            p.timer = self._loop.call_later(self.fin_grace, self._fin_check, slot)
+        elif arrivals > p.fin_arrivals:
+            p.timer = self._loop.call_later(max(0.0, remaining), self._on_deadline, slot)
+        else:
+            self._finish(slot)
 
     def _finish(self, slot: int) -> None:
         p = self._pending.pop(slot, None)
@@ -368,8 +413,7 @@ class Endpoint:
             p.timer = self._loop.call_later(remaining, self._on_deadline, slot)
             return
         # Take what is queued in the socket before declaring anything lost.
-        for s in self.core.progress():
-            self._finish(s)
+        self._drain()
         self._finish(slot)
 
     def _next_tag(self, table: dict[tuple[int, int], int], peer: int, tid: int, tag: int | None,
@@ -436,6 +480,8 @@ class Endpoint:
             self._finish(slot)
         else:
             p.timer = loop.call_at(loop.time() + max(0.0, deadline - now), self._on_deadline, slot)
+            for s in self.core.take_fins():  # a FIN that waited in the pool
+                self._announced(s)
         return fut
 
     def _cancelled(self, slot: int) -> None:
@@ -521,6 +567,11 @@ class Endpoint:
                 await asyncio.sleep(plan.delay)
                 n += await loop.run_in_executor(self._executor, self._send_plan, peer, flat, code, tag,
                                                 tensor_id, plan.delayed, plan.delayed_corrupt, rate, burst)
+        if self.send_fin:
+            # The end-of-message announcement, from the thread that sent the data (the same CPU's queue, so
+            # it rarely overtakes them): the receiver stops waiting for chunks lost on the way.
+            await loop.run_in_executor(self._executor, self.core.send_fin, peer, code, tag, tensor_id, flat.size,
+                                       min(n, 0xFFFFFFFF))
         return SendResult(peer, tag, tensor_id, n, flat.size, time.monotonic() - t0, count,
                           None if plan is None else plan.dropped)
 

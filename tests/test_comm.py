@@ -265,11 +265,13 @@ def binomial_ok(got: int, count: int, p: float = SPEC.drop) -> bool:
     return abs(got - count * (1 - p)) <= 5 * math.sqrt(count * p * (1 - p)) + 1
 
 
-def test_gather_loss_masks_fills_and_deadline():
+@pytest.mark.parametrize("send_fin", [True, False], ids=["fin", "no-fin"])
+def test_gather_loss_masks_fills_and_deadline(send_fin):
+    """With FINs a lossy gather ends once every sender has announced its end; without, at the deadline."""
     n, root, shape, timeout = 4, 2, (200_000,), 0.25
 
     async def main():
-        with local_comms(n) as comms:
+        with local_comms(n, send_fin=send_fin) as comms:
             tw = Twins(comms, lossy=[0, 3], seed=40)
             prev = np.zeros((n, *shape), np.float32)  # "last" before any message: 0
             for i, fill in enumerate(["last", "last", "zero", "nan", "callable", None]):
@@ -288,7 +290,10 @@ def test_gather_loss_masks_fills_and_deadline():
                 wall = time.monotonic() - t0
                 rr = res[root]
                 assert sorted(rr.results) == [0, 1, 3]
-                assert timeout - 0.01 <= rr.elapsed <= timeout + SLACK and wall <= timeout + SLACK
+                if send_fin:
+                    assert rr.elapsed < timeout and wall <= timeout + SLACK
+                else:
+                    assert timeout - 0.01 <= rr.elapsed <= timeout + SLACK and wall <= timeout + SLACK
                 assert np.array_equal(out[root], xs[root])
                 for s in (0, 1, 3):
                     cm = tw.chunks(s, root, xs[s].nbytes)

@@ -534,7 +534,7 @@ def test_old_tag_never_writes_into_newer_message():
 
 def test_sender_before_receiver_uses_unexpected_pool():
     async def main():
-        with endpoints(2) as (a, b):
+        with endpoints(2, send_fin=False) as (a, b):  # counts data datagrams exactly: no FINs
             x0 = random_bits((3000,), np.float32)
             await a.send(1, x0)
             await b.recv(0, np.zeros_like(x0), timeout=5)  # b now reads its socket
@@ -556,7 +556,7 @@ def test_sender_before_receiver_uses_unexpected_pool():
 
 def test_pool_entries_older_than_completed_tag_are_discarded():
     async def main():
-        with endpoints(2, fill="zero") as (a, b):
+        with endpoints(2, send_fin=False, fill="zero") as (a, b):  # counts data datagrams exactly: no FINs
             await b.recv(0, np.zeros(1, np.float32), timeout=0.001)  # attach b (tag 0 ends empty)
             s3 = await a.send(1, random_bits((10_000,), np.float32), tag=3)
             await wait_until(lambda: b.stats()["pool_in_use"] == s3.datagrams, what="pooled")
@@ -578,7 +578,8 @@ def test_pool_entries_older_than_completed_tag_are_discarded():
 def test_pool_overflow_is_counted():
     async def main():
         # the smallest pool: 16 entries
-        with endpoints(2, unexpected_bytes=1, fill="zero") as (a, b):
+        # counts data datagrams exactly: no FINs
+        with endpoints(2, send_fin=False, unexpected_bytes=1, fill="zero") as (a, b):
             await b.recv(0, np.zeros(1, np.float32), tensor_id=99, timeout=0.001)  # attach b
             x = random_bits((40 * 1424 // 4,), np.float32)
             s = await a.send(1, x)
