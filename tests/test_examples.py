@@ -69,4 +69,4 @@ def test_lossy_allreduce_with_env_rendezvous_and_loss() -> None:
     assert [r[0] for r in rounds] == [0, 1]
     for _, delivered, max_err, _, ms in rounds:
         assert 0.6 < delivered < 0.95 and max_err > 1e-3  # lossy, estimated
-        assert 250 < ms < 1500  # a lossy round ends at its deadline
+        assert ms < 1500  # a lossy round ends by its deadline (with FINs, soon after the senders are done)
