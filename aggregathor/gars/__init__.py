@@ -35,17 +35,21 @@ def get(name: str, n: int, f: int, *, pre: Sequence[str | dict[str, Any]] = (), 
     """Build the rule ``name`` for ``n`` gradients of which ``f`` may be Byzantine.
 
     ``pre`` lists pre-aggregation wrappers applied in order before the rule (names, or dicts with a
-    ``"name"`` and the wrapper's arguments). Raises ValueError naming the known rules for an unknown name,
-    and the violated bound when ``(n, f)`` is out of the rule's reach.
+    ``"name"`` and the wrapper's arguments; see :mod:`aggregathor.gars.wrappers`). The rule is built for
+    the ``(n', f')`` the wrappers hand it (bucketing with ``s`` gives ``ceil(n/s)`` rows, same f). Raises
+    ValueError naming the known rules for an unknown name, and the violated bound when ``(n, f)`` is out of
+    the rule's reach.
     """
     _load_all()
     table = registry()
     if name not in table:
         raise ValueError(f"unknown aggregation rule {name!r}; known: {', '.join(sorted(table))}")
-    rule = table[name](n, f, **kwargs)
-    rule.check()
     if pre:
+        # Wrappers may change (n, f) for the rule (bucketing: ceil(n/s) rows): the rule is built and its
+        # bound checked for the (n', f') that reaches it.
         from aggregathor.gars.wrappers import compose
 
-        rule = compose(rule, pre)
+        return compose(name, n, f, pre, **kwargs)
+    rule = table[name](n, f, **kwargs)
+    rule.check()
     return rule

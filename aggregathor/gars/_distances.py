@@ -7,41 +7,53 @@ float32 it cancels catastrophically when the rows are close together compared wi
 measured 160% relative error for honest rows = shared gradient + 1e-3 noise). So:
 
 1. **Centring.** Every row is centred on a robust reference ``c`` before the products: ``y_i = x_i - c``,
-   ``D[i, j] = G_ii + G_jj - 2 G_ij`` with ``G = Y Y^T``. The distances are translation invariant, only the
-   rounding changes: its error is about ``eps * k * (||y_i||^2 + ||y_j||^2)`` instead of
-   ``eps * k * (||x_i||^2 + ||x_j||^2)``. The reference is the coordinate-wise median of the finite values of
-   the rows (:func:`~aggregathor.gars._sortnet.nan_median`): with at most ``f < n/2`` Byzantine rows it lies,
-   per coordinate, within the range of the honest values, so ``||y_i||`` is of the order of the honest
-   spread whatever the Byzantine rows hold. (A coordinate where no value is finite is centred on 0.)
-2. **One read of the data.** The columns are processed in blocks of ``B`` (about 2.5 MB of the ``(n, B)``
-   block, so that it stays in the L2 cache): per block, the median network and the subtraction run in XLA
-   (fused, vectorised), and the ``(n, B) x (B, n)`` product runs in TensorFlow's own matmul (oneDNN/Eigen,
-   several times faster than XLA's dot on CPU). The block Grams are summed in float64. The data is read
-   from memory once; the centred block is only ever written to the cache.
+   ``D[i, j] = G_ii + G_jj - 2 G_ij`` with ``G = Y Y^T``. Distances are translation invariant, only the
+   rounding changes: about ``eps * (||y_i||^2 + ||y_j||^2)`` instead of ``eps * (||x_i||^2 + ||x_j||^2)``.
+   The reference (:func:`robust_centre`) is the coordinate-wise median of the first ``ref_rows`` rows with
+   non-finite values read as 0; the rules take ``ref_rows = 2f + 1``: at most ``f`` of those rows are
+   Byzantine, so per coordinate the median lies within the range of the honest values, and ``||y_i||`` is
+   of the order of the honest spread whatever the Byzantine rows hold (the median of 9 rows costs a third
+   of the median of 20, and precision needs nothing more).
+2. **One read of the data.** The columns are processed in blocks of ``B`` (:data:`BLOCK_BYTES` of input,
+   32768 columns for 20 float32 rows), by :data:`LOOPS` independent ``tf.while_loop`` s over consecutive
+   ranges of blocks. Per block: an XLA call computes the centre of the block (a min/max network over the
+   ``2f + 1`` rows, fused), a second XLA call writes the centred block **transposed**, ``(B, n)``, into the
+   cache, and TensorFlow's matmul (oneDNN/Eigen) computes ``Y_b^T``-major ``matmul(yt, yt, transpose_a=True)``
+   (about twice as fast as the ``transpose_b`` form for these thin blocks, and five times XLA's own dot on
+   CPU); the block Grams are summed in float64. The data is read from memory once. (A single XLA call per
+   block would re-evaluate the median network for every row it subtracts it from: XLA duplicates a fused
+   producer per consumer element. ``tf.slice`` with a tensor ``begin`` would make XLA recompile per block:
+   blocks and rows are taken by scalar-index ``tf.gather``, which XLA turns into a fused dynamic slice.)
 3. **Non-finite rows.** A NaN or infinity in row ``i`` makes ``G_ii`` non-finite; such a row is at distance
    ``+inf`` from every row, itself included (``D[i, i] = +inf``), and every other row is at distance 0 from
    itself. (A row whose squared norm around the centre overflows the dtype counts as non-finite too.)
-   Negative rounding residues are clamped to 0.
-4. **precise=True** computes the block products in float64 (the float32 values are exact in float64, and so
-   are their products), for the rules that iterate on distances to points inside the convex hull of the rows
-   (geometric median, centered clipping), where the relative error of a float32 Gram would grow as the
-   iterate approaches a row. It costs about twice the float32 product.
+   Negative rounding residues are clamped to 0; rows closer than the Gram's own rounding (e.g. identical
+   rows, Byzantine clones) are made exact duplicates (:func:`distances_from_gram`), so that their scores
+   tie exactly and ties go to the lowest index as documented.
+4. **precise=True** computes the block products in float64 (float32 values and their products are exact
+   in float64), for the rules that iterate on distances to points inside the hull of the rows (geometric
+   median, centered clipping), where a float32 Gram loses the distance as the iterate approaches a row.
+   It costs about five times the float32 product.
 
 The rules run these helpers in a ``tf.function`` *without* XLA (their ``jit_compile = False``): the blocks'
-elementwise work is XLA-compiled through nested ``tf.function(jit_compile=True)`` calls, the products are
-not. (Inside an XLA cluster everything still works, only slower.)
+elementwise work is XLA-compiled through nested ``tf.function(jit_compile=True)`` calls, the products and
+the row-norm reductions are not (XLA's CPU reductions and dots are several times slower). Inside an XLA
+cluster everything still works, only slower.
 
-Weighted sums of rows (the aggregate of every selection rule) never use ``tf.gather`` or ``tf.stack`` of
-the data nor a matmul (``0 * NaN = NaN`` would leak unselected non-finite rows): :func:`mean_of_rows` adds
-``m`` rows picked by index with dynamic slices fused into one XLA loop (it reads only those rows), and
-:func:`weighted_sum` adds all rows with a weight, skipping the rows of weight 0.
+Weighted sums of rows (the aggregate of every selection rule) never use a gather or ``tf.stack`` of the
+data, nor a matmul where ``0 * NaN = NaN`` would leak an unselected non-finite row: :func:`mean_of_rows`
+adds ``m`` rows picked by index (fused dynamic slices, reading only those rows), :func:`weighted_sum` and
+:func:`centred_combination` add all rows with a weight, skipping the rows of weight 0, :func:`mix_rows`
+is one ``(n', n) @ (n, d)`` matmul with non-finite rows zeroed first when there are any.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from aggregathor.gars import _sortnet
@@ -49,19 +61,28 @@ from aggregathor.gars import _sortnet
 __all__ = [
     "BLOCK_BYTES",
     "block_columns",
+    "centred_combination",
     "centred_gram",
+    "coordinate_median",
     "distances_from_gram",
     "first_argmin",
     "krum_scores",
     "mean_of_rows",
     "pairwise_sq_distances",
-    "row_sq_norms",
+    "robust_centre",
+    "mix_rows",
+    "row_norms",
     "take_row",
     "weighted_sum",
 ]
 
-#: Target size in bytes of one ``(n, B)`` column block of the input (about half an L2 cache).
+#: Target size in bytes of one ``(n, B)`` column block of the input (well inside a 2-4 MB L2 cache).
 BLOCK_BYTES = 5 * 2**19
+
+#: Loop iterations the executor may overlap (the next block's XLA pass with this block's product).
+PARALLEL_ITERATIONS = 2
+#: Independent block loops run side by side (about one per core of the machines this was tuned on).
+LOOPS = 2
 
 _INF = float("inf")
 
@@ -73,34 +94,75 @@ def block_columns(n: int, d: int, itemsize: int = 4) -> int:
 
 
 # ------------------------------------------------------------------------------------------- XLA pieces
-@functools.lru_cache(maxsize=None)
+def _column_block(x: tf.Tensor, k: tf.Tensor, width: int, rows: int | None = None) -> tf.Tensor:
+    """Columns ``k*width .. (k+1)*width - 1`` of the first ``rows`` rows, as ``(rows, width)``.
+
+    Written as a reshape to ``(n, d // width, width)`` and a scalar-index gather on the middle axis, which XLA
+    turns into a dynamic slice fused into its consumer. (``tf.slice`` with a tensor ``begin`` would make XLA
+    treat ``begin`` as a compile-time constant and recompile for every block.)
+    """
+    n = int(x.shape[0]) if rows is None else rows
+    blocks = int(x.shape[1]) // width
+    cube = tf.reshape(x[:n, : blocks * width], [n, blocks, width])
+    return tf.gather(cube, k, axis=1)
+
+
+def robust_centre(rows: list[tf.Tensor]) -> tf.Tensor:
+    """Per coordinate, the median of the rows with every non-finite value replaced by 0.
+
+    With at most ``f`` of ``2f + 1`` rows Byzantine (or non-finite), the result lies within the range of the
+    honest values of each coordinate, which is all the centring needs. Cheaper than
+    :func:`~aggregathor.gars._sortnet.nan_median` (no balancing of the non-finite values): one select per
+    value and a pruned min/max network from :func:`~aggregathor.gars._sortnet.plan` (34 ``min``/``max`` for
+    9 rows), which XLA fuses into one loop.
+    """
+    m = len(rows)
+    regs = [tf.where(tf.math.is_finite(r), r, tf.zeros_like(r)) for r in rows]
+    lo, hi = _sortnet.median_ranks(m)
+    net = _sortnet.plan(m, (lo, hi))
+    for a, b, need_min, need_max in net.comparators:
+        u, v = regs[a], regs[b]
+        if need_min:
+            regs[a] = tf.minimum(u, v)
+        if need_max:
+            regs[b] = tf.maximum(u, v)
+    low, high = regs[net.outputs[lo]], regs[net.outputs[hi]]
+    return low if lo == hi else 0.5 * low + 0.5 * high
+
+
+@functools.cache
 def _median_block(rows: int, width: int) -> Callable[..., tf.Tensor]:
-    """XLA: the finite-value median of rows ``0 .. rows-1``, columns ``start .. start+width-1`` (0 if none)."""
+    """XLA: :func:`robust_centre` of the first ``rows`` rows over column block ``k``."""
 
-    def fn(x: tf.Tensor, start: tf.Tensor) -> tf.Tensor:
-        block = tf.slice(x, tf.stack([0, start]), [rows, width])
-        return _sortnet.finite_or(_sortnet.nan_median(block), 0.0)
+    def fn(x: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
+        block = _column_block(x, k, width, rows)
+        return robust_centre([block[i] for i in range(rows)])
 
     return tf.function(fn, jit_compile=True, autograph=False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _centred_block(width: int, precise: bool) -> Callable[..., tf.Tensor]:
-    """XLA: columns ``start .. start+width-1`` of ``x`` minus the centre block ``c`` (float64 if precise)."""
+    """XLA: column block ``k`` of ``x`` minus the centre block ``c``, **transposed**: ``(width, n)``.
 
-    def fn(x: tf.Tensor, start: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
-        block = tf.slice(x, tf.stack([0, start]), [x.shape[0], width])
+    The transposed block makes the product ``matmul(yt, yt, transpose_a=True)``, which TensorFlow's CPU
+    matmul runs about twice as fast as ``matmul(y, y, transpose_b=True)`` for these tall, thin blocks.
+    In float64 when ``precise``.
+    """
+
+    def fn(x: tf.Tensor, k: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
+        block = _column_block(x, k, width)
         if precise:
-            return tf.cast(block, tf.float64) - tf.cast(c, tf.float64)
-        return block - c
+            block, c = tf.cast(block, tf.float64), tf.cast(c, tf.float64)
+        return tf.transpose(block - c)
 
     return tf.function(fn, jit_compile=True, autograph=False)
 
 
-def _block_gram(y: tf.Tensor, diag_only: bool) -> tf.Tensor:
+def _block_gram(yt: tf.Tensor, diag_only: bool) -> tf.Tensor:
     if diag_only:
-        return tf.cast(tf.reduce_sum(tf.square(y), axis=1), tf.float64)
-    return tf.cast(tf.matmul(y, y, transpose_b=True), tf.float64)
+        return tf.cast(tf.reduce_sum(tf.square(yt), axis=0), tf.float64)
+    return tf.cast(tf.matmul(yt, yt, transpose_a=True), tf.float64)
 
 
 def centred_gram(
@@ -114,10 +176,10 @@ def centred_gram(
 ) -> tf.Tensor:
     """``G[i, j] = <x_i - c, x_j - c>`` in float64, ``(n, n)`` (or its diagonal ``(n,)`` if ``diag_only``).
 
-    ``c`` is ``centre`` (a ``(d,)`` tensor) when given, else the coordinate-wise median of the finite values
-    of the first ``ref_rows`` rows (all rows by default; any ``2f + 1`` rows are a robust choice too), with 0
-    where none is finite. ``precise`` computes the products in float64. ``block`` overrides the number of
-    columns per block (:func:`block_columns`).
+    ``c`` is ``centre`` (a ``(d,)`` tensor) when given, else :func:`robust_centre` of the first ``ref_rows``
+    rows (all rows by default; the rules pass ``2f + 1``). ``precise`` computes the products in float64.
+    ``block`` overrides the number of columns per block (:func:`block_columns`). Non-finite rows give a
+    non-finite ``G_ii``.
     """
     x = tf.convert_to_tensor(x)
     n, d = int(x.shape[0]), int(x.shape[1])
@@ -128,40 +190,65 @@ def centred_gram(
     if centre is not None:
         centre = tf.convert_to_tensor(centre, dtype=x.dtype)
 
-    def one(start: tf.Tensor, w: int) -> tf.Tensor:
+    def one(xs: tf.Tensor, k: tf.Tensor, w: int, offset: int) -> tf.Tensor:
         if centre is None:
-            c = _median_block(r, w)(x, start)
+            c = _median_block(r, w)(xs, k)
         else:
-            c = tf.slice(centre, tf.reshape(start, [1]), [w])
-        return _block_gram(_centred_block(w, precise)(x, start, c), diag_only)
+            c = tf.slice(centre, tf.reshape(offset + k * w, [1]), [w])
+        return _block_gram(_centred_block(w, precise)(xs, k, c), diag_only)
 
     shape = [n] if diag_only else [n, n]
     gram = tf.zeros(shape, tf.float64)
     if full == 1:
-        gram = one(tf.constant(0, tf.int32), width)
+        gram = one(x, tf.constant(0, tf.int32), width, 0)
     elif full > 1:
+        # LOOPS independent loops over consecutive ranges of blocks: the executor runs them side by side
+        # (each block's XLA pass and product are mostly single-threaded at this size)
+        loops = max(1, min(LOOPS, full))
+        bounds = [full * p // loops for p in range(loops + 1)]
+        parts = []
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
 
-        def body(k: tf.Tensor, acc: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            return k + 1, acc + one(k * width, width)
+            def body(k: tf.Tensor, acc: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+                return k + 1, acc + one(x, k, width, 0)
 
-        _, gram = tf.while_loop(
-            lambda k, acc: k < full, body, (tf.constant(0, tf.int32), gram), parallel_iterations=2
-        )
+            parts.append(
+                tf.while_loop(
+                    lambda k, acc, hi=hi: k < hi,
+                    body,
+                    (tf.constant(lo, tf.int32), gram),
+                    parallel_iterations=PARALLEL_ITERATIONS,
+                )[1]
+            )
+        gram = tf.add_n(parts)
     if tail:
-        gram = gram + one(tf.constant(full * width, tf.int32), tail)
+        gram = gram + one(x[:, full * width :], tf.constant(0, tf.int32), tail, full * width)
     return gram
 
 
-def distances_from_gram(gram: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def distances_from_gram(gram: tf.Tensor, eps: float = 2.0**-23) -> tuple[tf.Tensor, tf.Tensor]:
     """``(D, ok)``: squared distances ``(n, n)`` (float64) from a centred Gram, and the finite-row mask ``(n,)``.
 
     ``D[i, j] = max(G_ii + G_jj - 2 G_ij, 0)``; ``+inf`` when row i or row j is non-finite (``G_ii`` not
     finite) or the result is not a number; ``D[i, i]`` is 0 for a finite row, ``+inf`` for a non-finite one.
+
+    Duplicates: ``eps`` is the rounding unit of the products (float32 by default). Rows whose distance is
+    below ``8 eps (G_ii + G_jj)`` -- under the rounding error of the Gram itself, e.g. identical rows, whose
+    three dot products a matmul may round differently -- are made exact duplicates: every such row takes
+    the Gram row and column of the lowest-index row it is that close to, so identical rows get distance 0
+    and bitwise-equal distances to every other row (hence equal Krum scores, and ties broken by index).
     """
     g = tf.linalg.diag_part(gram)
     ok = tf.math.is_finite(g)
-    raw = g[:, None] + g[None, :] - 2.0 * gram
+    n = int(gram.shape[0])
     both = tf.logical_and(ok[:, None], ok[None, :])
+    raw = g[:, None] + g[None, :] - 2.0 * gram
+    close = tf.logical_and(both, raw <= 8.0 * eps * (g[:, None] + g[None, :]))
+    close = tf.logical_or(close, tf.eye(n, dtype=tf.bool))
+    rep = tf.argmax(tf.cast(close, tf.int32), axis=1, output_type=tf.int32)  # the first (lowest) close index
+    gram = tf.gather(tf.gather(gram, rep, axis=0), rep, axis=1)
+    g = tf.linalg.diag_part(gram)
+    raw = g[:, None] + g[None, :] - 2.0 * gram
     good = tf.logical_and(both, tf.logical_not(tf.math.is_nan(raw)))
     inf = tf.constant(_INF, tf.float64)
     dist = tf.where(good, tf.maximum(raw, 0.0), inf)
@@ -169,12 +256,15 @@ def distances_from_gram(gram: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return dist, ok
 
 
-def pairwise_sq_distances(x: tf.Tensor, **kwargs: object) -> tf.Tensor:
+def pairwise_sq_distances(x: tf.Tensor, **kwargs: Any) -> tf.Tensor:
     """The ``(n, n)`` float64 matrix of squared distances between the rows of ``x`` (see the module notes).
 
     Keyword arguments go to :func:`centred_gram` (``ref_rows``, ``centre``, ``precise``, ``block``).
     """
-    return distances_from_gram(centred_gram(x, **kwargs))[0]
+    x = tf.convert_to_tensor(x)
+    precise = bool(kwargs.get("precise", False))
+    eps = float(np.finfo(np.float64 if precise else x.dtype.as_numpy_dtype).eps) / 2.0
+    return distances_from_gram(centred_gram(x, **kwargs), eps)[0]
 
 
 # ------------------------------------------------------------------------------------------- selection
@@ -197,7 +287,7 @@ def krum_scores(dist: tf.Tensor, k: int, active: tf.Tensor | None = None) -> tf.
     if k == 0:
         scores = tf.zeros([n], dist.dtype)
     else:
-        smallest = -tf.math.top_k(-others, k=k, sorted=False).values
+        smallest = -tf.math.top_k(-others, k=k, sorted=True).values  # sorted: same sum order for equal rows
         scores = tf.reduce_sum(smallest, axis=1)
     return tf.where(ok, scores, inf)
 
@@ -219,29 +309,35 @@ def first_argmin(values: tf.Tensor, active: tf.Tensor | None = None) -> tf.Tenso
 
 
 def take_row(x: tf.Tensor, i: tf.Tensor) -> tf.Tensor:
-    """Row ``i`` of ``x`` (``i`` a scalar tensor) as a ``(d,)`` tensor: one dynamic slice, no gather."""
-    d = int(x.shape[1])
-    return tf.reshape(tf.slice(x, tf.stack([tf.cast(i, tf.int32), 0]), [1, d]), [d])
+    """Row ``i`` of ``x`` (``i`` a scalar tensor) as a ``(d,)`` tensor.
+
+    A scalar-index gather: XLA makes it a dynamic slice fused into the consumer (it reads the row, copies
+    nothing), without recompiling for each index value as a ``tf.slice`` with a tensor ``begin`` would.
+    """
+    return tf.gather(x, tf.cast(i, tf.int32), axis=0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mean_of_rows_fn() -> Callable[..., tf.Tensor]:
-    def fn(x: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
-        m = int(index.shape[0])
+    def fn(x: tf.Tensor, index: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
         total = take_row(x, index[0])
-        for k in range(1, m):
+        for k in range(1, int(index.shape[0])):
             total = total + take_row(x, index[k])
-        return total / tf.cast(m, x.dtype)
+        return total / count
 
     return tf.function(fn, jit_compile=True, autograph=False)
 
 
 def mean_of_rows(x: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
-    """``(1/m) sum_k x[index[k]]`` for a static-length ``(m,)`` index: one fused XLA pass over those m rows."""
-    return _mean_of_rows_fn()(x, tf.cast(index, tf.int32))
+    """``(1/m) sum_k x[index[k]]`` for a static-length ``(m,)`` index: one fused XLA pass over those m rows.
+
+    The rows are added in the order of ``index``, then divided by m (a true division: m reaches XLA as an
+    argument, so that it is not turned into a multiplication by a rounded reciprocal).
+    """
+    return _mean_of_rows_fn()(x, tf.cast(index, tf.int32), tf.constant(int(index.shape[0]), x.dtype))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _weighted_sum_fn() -> Callable[..., tf.Tensor]:
     def fn(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
         n = int(x.shape[0])
@@ -260,14 +356,71 @@ def weighted_sum(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
     return _weighted_sum_fn()(x, tf.cast(w, x.dtype))
 
 
-@functools.lru_cache(maxsize=None)
-def _row_sq_norms_fn() -> Callable[..., tf.Tensor]:
+@functools.cache
+def _median_fn() -> Callable[..., tf.Tensor]:
     def fn(x: tf.Tensor) -> tf.Tensor:
-        return tf.reduce_sum(tf.square(tf.cast(x, tf.float64)), axis=1)
+        return _sortnet.finite_or(_sortnet.nan_median(x), 0.0)
 
     return tf.function(fn, jit_compile=True, autograph=False)
 
 
-def row_sq_norms(x: tf.Tensor) -> tf.Tensor:
-    """``||x_i||^2`` per row, ``(n,)`` float64 (accumulated in float64; non-finite for a non-finite row)."""
-    return _row_sq_norms_fn()(x)
+def coordinate_median(x: tf.Tensor) -> tf.Tensor:
+    """The coordinate-wise median of the finite values of the rows, 0 where none is finite (one XLA pass)."""
+    return _median_fn()(x)
+
+
+@functools.cache
+def _combination_fn() -> Callable[..., tf.Tensor]:
+    def fn(x: tf.Tensor, c: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
+        total = c
+        for i in range(int(x.shape[0])):
+            total = total + tf.where(w[i] != 0, w[i] * (x[i] - c), tf.zeros_like(c))
+        return total
+
+    return tf.function(fn, jit_compile=True, autograph=False)
+
+
+def centred_combination(x: tf.Tensor, c: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
+    """``c + sum_i w_i (x_i - c)`` over the rows with ``w_i != 0``: one fused XLA pass."""
+    return _combination_fn()(x, tf.cast(c, x.dtype), tf.cast(w, x.dtype))
+
+
+def row_norms(x: tf.Tensor) -> tf.Tensor:
+    """``||x_i||`` per row, ``(n,)`` float64: NaN for a row holding a NaN, ``+inf`` for a row holding an infinity.
+
+    TensorFlow's own Euclidean-norm reduction (one pass, about the cost of a mean; an XLA row reduction is
+    several times slower on CPU). Rows whose float32 sum of squares overflows (finite values beyond about
+    1e19) are recomputed on rows scaled by ``2**-80`` (a second pass, only when it happens).
+    """
+    norm = tf.math.reduce_euclidean_norm(x, axis=1)
+    if x.dtype == tf.float64:
+        return norm
+    scale = 2.0**-80
+
+    def rescaled() -> tf.Tensor:
+        big = tf.cast(tf.math.reduce_euclidean_norm(x * tf.constant(scale, x.dtype), axis=1), tf.float64) / scale
+        return tf.where(tf.math.is_inf(norm), big, tf.cast(norm, tf.float64))
+
+    return tf.cond(tf.reduce_any(tf.math.is_inf(norm)), rescaled, lambda: tf.cast(norm, tf.float64))
+
+
+@functools.cache
+def _zero_bad_rows_fn() -> Callable[..., tf.Tensor]:
+    def fn(x: tf.Tensor, ok: tf.Tensor) -> tf.Tensor:
+        return tf.where(ok[:, None], x, tf.zeros_like(x))
+
+    return tf.function(fn, jit_compile=True, autograph=False)
+
+
+def mix_rows(x: tf.Tensor, w: tf.Tensor, ok: tf.Tensor) -> tf.Tensor:
+    """``w @ x`` (``(n', n) @ (n, d)``, one matmul) where the rows with ``ok[j]`` false never leak in.
+
+    ``0 * NaN = NaN``: when some row is not finite, the product runs on a copy with those rows zeroed
+    (a ``tf.cond``: the copy is only made when it is needed). Put NaN in a row of ``w`` to get a NaN row.
+    """
+    w = tf.cast(w, x.dtype)
+    return tf.cond(
+        tf.reduce_all(ok),
+        lambda: tf.matmul(w, x),
+        lambda: tf.matmul(w, _zero_bad_rows_fn()(x, ok)),
+    )

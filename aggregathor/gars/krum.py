@@ -38,6 +38,6 @@ class Krum(GAR):
 
     def aggregate(self, x: tf.Tensor) -> tf.Tensor:
         self.check()
-        dist = _distances.pairwise_sq_distances(x)
+        dist = _distances.pairwise_sq_distances(x, ref_rows=2 * self.f + 1)
         scores = _distances.krum_scores(dist, self.n - self.f - 2)
         return _distances.take_row(x, _distances.first_argmin(scores))

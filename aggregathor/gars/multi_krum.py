@@ -61,7 +61,7 @@ class MultiKrum(GAR):
 
     def aggregate(self, x: tf.Tensor) -> tf.Tensor:
         self.check()
-        dist = _distances.pairwise_sq_distances(x)
+        dist = _distances.pairwise_sq_distances(x, ref_rows=2 * self.f + 1)
         scores = _distances.krum_scores(dist, self.n - self.f - 2)
         # top_k is stable: among equal scores the lower index comes first
         chosen = tf.math.top_k(-scores, k=self.m, sorted=True).indices

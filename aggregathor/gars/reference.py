@@ -23,10 +23,22 @@ Conventions (the fast path must match them):
     ``np.sort``) and trims as usual, so at most ``f`` non-finite values per coordinate are all trimmed;
   * distance-based rules (Krum, Multi-Krum, Bulyan, NNM) take the distance between two rows to be
     ``+inf`` when either holds a non-finite entry, so a non-finite row has score ``+inf`` and is never a
-    nearest neighbour of a finite row.
+    nearest neighbour of a finite row;
+  * the geometric median and centered clipping give a non-finite row weight 0;
+  * the wrappers NNM, clipping and ARC turn a non-finite row into a row of NaN; bucketing just averages
+    (a bucket with a non-finite member is non-finite where that member is).
 
   Which fast rules promise this is the class attribute ``nan_robust``; the tests only feed non-finite
   rows to those rules, at most ``f`` of them.
+- Choices the papers leave to the implementation, fixed here as the fast rules document them: Multi-Krum's
+  default ``m = n - f - 2`` (AggregaThor); the smoothed Weiszfeld's start (the mean of the finite rows) and
+  defaults (8 iterations, ``nu = 1e-6``); centered clipping's start (the coordinate-wise median; the
+  paper's is the previous aggregate, pass it as ``center``); bucketing's last bucket (the mean of its
+  actual members); Bulyan's ``variant="multi-krum"``, the original AggregaThor kernel
+  (:func:`bulyan_aggregathor`), which is *not* the paper's algorithm.
+- Bounds checked by the references: only those needed for the definition to make sense (e.g. Krum
+  ``n >= 2f + 3``, Bulyan ``n >= 4f + 3``, trimmed mean ``n > 2b``); Multi-Krum accepts any
+  ``1 <= m <= n`` as in Blanchard et al.
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ __all__ = [
     "average_nan",
     "bucketing",
     "bulyan",
+    "bulyan_aggregathor",
     "bulyan_selection",
     "centered_clipping",
     "clipping",
@@ -142,7 +155,7 @@ def average_nan(x: Any, f: int = 0) -> np.ndarray:
 
 # -------------------------------------------------------------------------------- coordinate-wise rules
 def median(x: Any, f: int = 0) -> np.ndarray:
-    """Coordinate-wise median (Yin et al., ICML 2018, Definition 1; Xie et al. 2018, Definition 4).
+    """Coordinate-wise median (Yin et al., ICML 2018, Definition 1; the "marginal median" of Xie et al. 2018).
 
     Per coordinate, the median of the finite values: the middle one for an odd count, the mean of the two
     middle ones for an even count; NaN when no value is finite.
@@ -152,7 +165,7 @@ def median(x: Any, f: int = 0) -> np.ndarray:
 
 
 def meamed(x: Any, f: int) -> np.ndarray:
-    r"""Mean around the median (Xie, Koyejo, Gupta, "Generalized Byzantine-tolerant SGD", 2018, Definition 5).
+    r"""Mean around the median (Xie, Koyejo, Gupta, "Generalized Byzantine-tolerant SGD", arXiv:1802.10116).
 
     Per coordinate :math:`j`, with :math:`m_j` the median of the finite values (as :func:`median`), the mean of
     the :math:`n - f` values :math:`x_{ij}` with the smallest :math:`|x_{ij} - m_j|` (non-finite values are at
@@ -236,7 +249,7 @@ def krum(x: Any, f: int) -> np.ndarray:
 
 
 def multi_krum(x: Any, f: int, m: int | None = None) -> np.ndarray:
-    r"""Multi-Krum (Blanchard et al., NeurIPS 2017, §5 "Multi-Krum"; El Mhamdi et al., ICML 2018, §3).
+    r"""Multi-Krum (Blanchard et al., NeurIPS 2017, "Multi-Krum" in the experiments; El Mhamdi et al. 2018).
 
     The **mean** (not the sum) of the :math:`m` vectors with the smallest Krum scores, the scores computed
     once over all :math:`n` vectors. Default :math:`m = n - f - 2`; needs :math:`n \ge 2f + 3` and
@@ -273,18 +286,24 @@ def bulyan_selection(x: Any, f: int) -> list[int]:
     return selected
 
 
-def bulyan(x: Any, f: int) -> np.ndarray:
-    r"""Bulyan over Krum (El Mhamdi, Guerraoui, Rouault, ICML 2018, §4, Algorithm "Bulyan").
+def bulyan(x: Any, f: int, variant: str = "krum") -> np.ndarray:
+    r"""Bulyan (El Mhamdi, Guerraoui, Rouault, ICML 2018, §4, Algorithm "Bulyan"). Needs :math:`n \ge 4f + 3`.
 
-    Needs :math:`n \ge 4f + 3`. Select :math:`\theta = n - 2f` vectors by :func:`bulyan_selection`, then per
+    ``variant="krum"``, the paper: select :math:`\theta = n - 2f` vectors by :func:`bulyan_selection`, then per
     coordinate :math:`j` average the :math:`\beta = \theta - 2f` selected values closest to the
     coordinate-wise median of the selection (:math:`M[j] = \arg\min_{|M| = \beta} \sum_{X \in M} |X_j -
     \mathrm{median}_j|`); ties in distance: the smaller value first.
+
+    ``variant="multi-krum"``: the original AggregaThor kernel, :func:`bulyan_aggregathor`.
     """
     a = _matrix(x)
     n, d = a.shape
     if n < 4 * f + 3:
         raise ValueError(f"bulyan needs n >= 4f + 3, got n={n}, f={f}")
+    if variant == "multi-krum":
+        return bulyan_aggregathor(a, f)
+    if variant != "krum":
+        raise ValueError(f"bulyan: unknown variant {variant!r}")
     sel = a[bulyan_selection(a, f)]
     theta = n - 2 * f
     beta = theta - 2 * f
@@ -297,17 +316,89 @@ def bulyan(x: Any, f: int) -> np.ndarray:
     return out
 
 
+def bulyan_aggregathor(x: Any, f: int, trace: dict[str, Any] | None = None) -> np.ndarray:
+    r"""Bulyan over Multi-Krum as the original AggregaThor computes it (Damaskinos et al., SysML 2019;
+    ``native/op_bulyan/cpu.cpp`` of LPD-EPFL/AggregaThor), which is not the paper's algorithm:
+
+    1. :math:`t = n - 2f - 2` rounds, :math:`b = t - 2f` values per coordinate, :math:`m = n - f - 2`.
+    2. Krum scores once (:math:`m` nearest, squared distances); then every row keeps only its distances to
+       its :math:`m` nearest rows, the others are set to 0 ("pruning").
+    3. Round :math:`k = 0 .. t - 1`: rank the rows by score (rows removed earlier after every finite score,
+       non-finite scores last); the round's vector is the **mean of the** :math:`m - k` best rows; then remove
+       the best row and subtract from every other row's score its pruned distance to it.
+    4. Per coordinate over the :math:`t` round vectors, the mean of the :math:`b` values closest to the
+       **upper** median (sorted index :math:`\lfloor t/2 \rfloor`).
+
+    Ties (left to ``std::sort``/``std::nth_element`` in the original): lowest index, smaller value.
+    ``trace``, if a dict, receives ``"rounds"`` (the rows averaged in each round), ``"inter"`` (the round
+    vectors) and ``"gaps"``: ``(gap, scale)`` for every decision taken (neighbour cut, ranking cut, best row,
+    distance cut), so that a caller can tell a near tie.
+    """
+    a = _matrix(x)
+    n, d = a.shape
+    t, m = n - 2 * f - 2, n - f - 2
+    b = t - 2 * f
+    ok = _finite_rows(a)
+    dist = pairwise_sq_distances(a)
+    gaps: list[tuple[float, float]] | None = None if trace is None else trace.setdefault("gaps", [])
+    scores = np.full(n, np.inf)
+    kept = np.zeros((n, n))  # kept[i, j]: row i's distance to j if j is among i's m nearest, else 0
+    for i in range(n):
+        order = sorted((j for j in range(n) if j != i), key=lambda j, i=i: (dist[i, j], j))
+        if ok[i]:
+            scores[i] = float(sum(dist[i, j] for j in order[:m]))
+        for j in order[:m]:
+            kept[i, j] = dist[i, j]
+        if gaps is not None and ok[i] and m < len(order):
+            gaps.append((dist[i, order[m]] - dist[i, order[m - 1]], dist[i, order[m]]))
+    removed = np.zeros(n, dtype=bool)
+    rounds = []
+    for k in range(t):
+        key = [
+            (2 if not np.isfinite(scores[i]) else 1 if removed[i] else 0, scores[i] if not removed[i] else 0, i)
+            for i in range(n)
+        ]
+        ranked = [i for _, _, i in sorted(key)]
+        rounds.append(a[ranked[: m - k]].sum(axis=0) / (m - k))
+        if trace is not None:
+            trace.setdefault("rounds", []).append(ranked[: m - k])
+        if gaps is not None:
+            live = [scores[i] for i in ranked if not removed[i] and np.isfinite(scores[i])]
+            if len(live) > m - k:
+                gaps.append((live[m - k] - live[m - k - 1], live[m - k]))
+            if len(live) > 1:
+                gaps.append((live[1] - live[0], live[1]))
+        best = ranked[0]
+        removed[best] = True
+        for i in range(n):
+            if i != best and np.isfinite(scores[i]) and np.isfinite(kept[i, best]):
+                scores[i] -= kept[i, best]
+    inter = np.array(rounds)
+    if trace is not None:
+        trace["inter"] = inter
+    out = np.empty(d)
+    for j in range(d):
+        col = np.sort(inter[:, j])
+        upper_median = float(col[t // 2])
+        chosen = _closest_to(col, upper_median, b)
+        out[j] = sum(chosen) / b
+        if gaps is not None and b < t:
+            dd = sorted(abs(v - upper_median) for v in col)
+            gaps.append((dd[b] - dd[b - 1], max(abs(v) for v in col)))
+    return out
+
+
 # ------------------------------------------------------------------------------ geometric median, CC
 def geometric_median(
-    x: Any, f: int = 0, *, iterations: int = 3, nu: float = 1e-6, start: Any | None = None
+    x: Any, f: int = 0, *, iterations: int = 100, nu: float = 1e-6, start: Any | None = None
 ) -> np.ndarray:
     r"""Smoothed Weiszfeld (Pillutla, Kakade, Harchaoui, "Robust Aggregation for Federated Learning",
     IEEE TSP 2022, Algorithm 2), equal weights :math:`\alpha_i = 1/n`.
 
     From :math:`z^{(0)}` (``start``; default the mean of the finite rows), for :math:`t = 0 .. T - 1`:
     :math:`\beta_i = \alpha_i / \max\{\nu, \|z^{(t)} - x_i\|\}`, :math:`z^{(t+1)} = \sum_i \beta_i x_i /
-    \sum_i \beta_i`; return :math:`z^{(T)}` (``iterations`` = :math:`T`, no early stop). A non-finite row gets
-    weight 0 (its distance is :math:`+\infty`).
+    \sum_i \beta_i`; return :math:`z^{(T)}` (``iterations`` = :math:`T`, default 8 as the fast rule; no early
+    stop). A non-finite row gets weight 0 (its distance is :math:`+\infty`).
     """
     a = _matrix(x)
     ok = _finite_rows(a)
@@ -322,20 +413,29 @@ def geometric_median(
 
 
 def centered_clipping(
-    x: Any, f: int = 0, *, tau: float = 10.0, iterations: int = 1, center: Any | None = None
+    x: Any, f: int = 0, *, tau: float = 10.0, iterations: int = 1, center: Any = "median"
 ) -> np.ndarray:
     r"""Centered clipping (Karimireddy, He, Jaggi, "Learning from History for Byzantine Robust Optimization",
     ICML 2021, eq. (CC)).
 
-    From :math:`v_0` (``center``; default 0), :math:`L` = ``iterations`` times:
-    :math:`v_{l+1} = v_l + \frac1n \sum_i (x_i - v_l) \min\{1, \tau / \|x_i - v_l\|\}`. A non-finite row
-    contributes nothing (its clipping factor :math:`\tau/\infty = 0`), i.e. it counts as :math:`x_i = v_l`;
-    a row at :math:`v_l` exactly contributes 0.
+    From :math:`v_0`, :math:`L` = ``iterations`` times:
+    :math:`v_{l+1} = v_l + \frac1n \sum_i (x_i - v_l) \min\{1, \tau / \|x_i - v_l\|\}`. The paper starts from
+    the previous aggregate (its momentum); here ``center`` is ``"median"`` (default, as the fast rule: the
+    coordinate-wise median of the finite values, 0 where none is), ``"zero"``, or a ``(d,)`` array (pass the
+    previous output for the paper's stateful version). A non-finite row contributes nothing (its clipping
+    factor :math:`\tau/\infty = 0`), i.e. it counts as :math:`x_i = v_l`; a row at :math:`v_l` contributes 0.
     """
     a = _matrix(x)
     n, d = a.shape
     ok = _finite_rows(a)
-    v = np.zeros(d) if center is None else np.array(center, dtype=np.float64).reshape(d)
+    if isinstance(center, str) and center == "median":
+        v = np.nan_to_num(median(a), nan=0.0)
+    elif isinstance(center, str) and center == "zero":
+        v = np.zeros(d)
+    elif isinstance(center, str):
+        raise ValueError(f"centered-clipping: unknown center {center!r}")
+    else:
+        v = np.array(center, dtype=np.float64).reshape(d)
     for _ in range(int(iterations)):
         step = np.zeros(d)
         for i in range(n):
@@ -351,7 +451,7 @@ def centered_clipping(
 
 # --------------------------------------------------------------------------------------------- wrappers
 def nnm(x: Any, f: int) -> np.ndarray:
-    r"""Nearest-neighbour mixing (Allouah et al., "Fixing by Mixing", AISTATS 2023, Algorithm 1).
+    r"""Nearest-neighbour mixing (Allouah et al., "Fixing by Mixing", AISTATS 2023: NNM).
 
     Row :math:`i` becomes the mean of its :math:`n - f` nearest rows in Euclidean distance, itself included
     (distance 0). Ties: the lowest index. A non-finite row is at distance :math:`+\infty` from every row, so
@@ -410,7 +510,7 @@ def _clip(row: np.ndarray, c: float) -> np.ndarray:
 
 def arc(x: Any, f: int) -> np.ndarray:
     r"""Adaptive Robust Clipping (Allouah, Guerraoui, Gupta, Jellouli, Rizk, Stephan, "Adaptive Gradient
-    Clipping for Robust Federated Learning", ICLR 2025, Algorithm 1 "ARC").
+    Clipping for Robust Federated Learning", ICLR 2025, arXiv:2405.14432: "ARC").
 
     :math:`k = \lfloor 2 (f/n) (n - f) \rfloor`; sort the norms in decreasing order,
     :math:`\|x_{\pi(1)}\| \ge \dots \ge \|x_{\pi(n)}\|`; clip every row to :math:`C = \|x_{\pi(k+1)}\|`.

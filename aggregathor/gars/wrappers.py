@@ -1,0 +1,336 @@
+"""Pre-aggregation wrappers: ``(n, d) -> (n', d)`` transformations composed with any rule.
+
+``aggregathor.gars.get("krum", n, f, pre=["nnm"])`` builds Krum behind nearest-neighbour mixing; ``pre`` is a
+list of wrapper names or dicts ``{"name": ..., **arguments}``, applied in order. A wrapper may change the
+``(n, f)`` the next stage sees (bucketing turns ``n`` rows into ``ceil(n/s)`` buckets); the rule is built,
+and its bound checked, for the ``(n', f')`` that reaches it. The result is one GAR whose ``aggregate`` runs
+the wrappers and the rule in a single traced function: one XLA cluster when every part is XLA-compiled,
+otherwise a plain ``tf.function`` calling each part's own compiled function.
+
+============  ===========================================  ==================  ===========
+name          what                                         (n', f')            XLA
+============  ===========================================  ==================  ===========
+nnm           row i -> mean of its n - f nearest rows      (n, f)              no (Gram, matmul)
+bucketing     random buckets of s rows -> their means      (ceil(n/s), f)      yes
+clipping      x_i * min(1, c / ||x_i||)                    (n, f)              no (norm reduction)
+arc           clip to the (k+1)-th largest norm            (n, f)              no (norm reduction)
+============  ===========================================  ==================  ===========
+
+Non-finite rows: every wrapper maps a row holding a NaN or an infinity to a row of NaN (or, for bucketing,
+to a NaN bucket), and never lets it into a finite output row while at most ``f`` rows are non-finite. So
+at most ``f'`` output rows are non-finite and the composition is ``nan_robust`` when the rule is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import tensorflow as tf
+
+from aggregathor.gars import _distances
+from aggregathor.gars.base import GAR, registry
+
+__all__ = ["ARC", "NNM", "Bucketing", "Clipping", "Composed", "Wrapper", "compose", "names", "register_wrapper"]
+
+_WRAPPERS: dict[str, type[Wrapper]] = {}
+
+
+def register_wrapper(cls: type[Wrapper]) -> type[Wrapper]:
+    """Class decorator: make ``cls`` usable as ``pre=[cls.name]``."""
+    if not cls.name or cls.name in _WRAPPERS:
+        raise ValueError(f"wrapper name {cls.name!r} is empty or already registered")
+    _WRAPPERS[cls.name] = cls
+    return cls
+
+
+def names() -> list[str]:
+    """The registered wrapper names, sorted."""
+    return sorted(_WRAPPERS)
+
+
+class Wrapper:
+    """Base class of the pre-aggregation wrappers.
+
+    ``transform(x)`` is pure TensorFlow from ``(n, d)`` to ``(n', d)`` of the same dtype; :meth:`output_nf`
+    gives ``(n', f')``; ``check()`` raises ValueError naming the violated bound; ``get_config()`` returns
+    the ``{"name": ..., **arguments}`` dict that rebuilds it in ``pre=[...]``.
+    """
+
+    name: ClassVar[str] = ""
+    jit_compile: ClassVar[bool] = True
+
+    def __init__(self, n: int, f: int, **kwargs: Any) -> None:
+        if kwargs:
+            raise TypeError(f"{self.name}: unexpected arguments {sorted(kwargs)}")
+        self.n, self.f = int(n), int(f)
+        self._fn: Callable[[tf.Tensor], tf.Tensor] | None = None
+
+    def output_nf(self) -> tuple[int, int]:
+        return self.n, self.f
+
+    def check(self) -> None:
+        """Raise ValueError when the wrapper cannot run for ``(n, f)``."""
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def transform(self, x: tf.Tensor) -> tf.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        """``transform`` through its own ``tf.function`` (XLA-compiled when ``jit_compile``)."""
+        if self._fn is None:
+            self._fn = tf.function(self.transform, jit_compile=self.jit_compile, autograph=False)
+        return self._fn(x)
+
+    def _require(self, cond: bool, bound: str) -> None:
+        if not cond:
+            raise ValueError(f"{self.name} needs {bound}; got n={self.n}, f={self.f}")
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "name")
+        return f"{type(self).__name__}(n={self.n}, f={self.f}{', ' if args else ''}{args})"
+
+
+# ----------------------------------------------------------------------------------------------- NNM
+@register_wrapper
+class NNM(Wrapper):
+    r"""Nearest-neighbour mixing: row :math:`i` becomes the mean of its :math:`n - f` nearest rows (itself
+    included, at distance 0), in squared Euclidean distance; ties go to the lowest index.
+
+    Allouah, Farhadkhani, Guerraoui, Gupta, Pinot, Stephan, "Fixing by Mixing: A Recipe for Optimal
+    Byzantine ML under Heterogeneity", AISTATS 2023, Algorithm 1. Keeps ``(n, f)``. Needs ``n > f``.
+
+    Distances: the centred blocked Gram of :mod:`~aggregathor.gars._distances`; the mixing is one
+    ``(n, n) @ (n, d)`` matmul (:func:`~aggregathor.gars._distances.mix_rows`). A non-finite row is at distance
+    :math:`+\infty` from all, never a finite row's neighbour while at most ``f`` rows are non-finite, and
+    becomes a row of NaN.
+    """
+
+    name = "nnm"
+    jit_compile = False
+
+    def check(self) -> None:
+        self._require(self.n > self.f, "n > f")
+
+    def transform(self, x: tf.Tensor) -> tf.Tensor:
+        dist = _distances.pairwise_sq_distances(x, ref_rows=2 * self.f + 1)
+        ok = tf.math.is_finite(tf.linalg.diag_part(dist))
+        k = self.n - self.f
+        nearest = tf.math.top_k(-dist, k=k, sorted=True).indices  # stable: ties -> lowest index
+        w = tf.reduce_sum(tf.one_hot(nearest, self.n, dtype=tf.float64), axis=1) / k
+        w = tf.where(ok[:, None], w, tf.constant(float("nan"), tf.float64))
+        return _distances.mix_rows(x, w, ok)
+
+
+# ----------------------------------------------------------------------------------------- bucketing
+@register_wrapper
+class Bucketing(Wrapper):
+    r"""Bucketing: permute the rows at random, cut them into :math:`\lceil n/s \rceil` consecutive buckets of
+    ``s`` (the last one possibly smaller) and output each bucket's mean.
+
+    Karimireddy, He, Jaggi, "Byzantine-Robust Learning on Heterogeneous Datasets via Bucketing", ICLR 2022,
+    Algorithm 1. The rule after it sees :math:`n' = \lceil n/s \rceil` rows and the **same** ``f``: in the
+    worst case every Byzantine row lands in a different bucket, so at most ``f`` buckets are contaminated
+    (the paper's :math:`\delta' = s\delta`). The rule's own bound must hold for ``(n', f)``.
+
+    ``seed`` seeds a ``tf.random.Generator`` (a new permutation on every call, reproducible from the seed);
+    ``permutation`` fixes the permutation instead (for tests and replays). One fused XLA pass: the buckets
+    are sums of dynamic row slices, the only write is the ``(n', d)`` output.
+    """
+
+    name = "bucketing"
+
+    def __init__(
+        self,
+        n: int,
+        f: int,
+        s: int = 2,
+        seed: int | None = None,
+        permutation: Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(n, f, **kwargs)
+        if isinstance(s, bool) or not isinstance(s, int | np.integer) or s < 1:
+            raise ValueError(f"{self.name}: s must be an int >= 1, got {s!r}")
+        self.s = int(s)
+        self.seed = None if seed is None else int(seed)
+        self.permutation = None if permutation is None else [int(p) for p in permutation]
+        if self.permutation is not None and sorted(self.permutation) != list(range(self.n)):
+            raise ValueError(f"{self.name}: not a permutation of range({self.n}): {self.permutation}")
+        if self.permutation is None:
+            with tf.init_scope():
+                self._gen = (
+                    tf.random.Generator.from_non_deterministic_state()
+                    if self.seed is None
+                    else tf.random.Generator.from_seed(self.seed)
+                )
+
+    def output_nf(self) -> tuple[int, int]:
+        return math.ceil(self.n / self.s), self.f
+
+    def get_config(self) -> dict[str, Any]:
+        cfg: dict[str, Any] = {"name": self.name, "s": self.s}
+        if self.seed is not None:
+            cfg["seed"] = self.seed
+        if self.permutation is not None:
+            cfg["permutation"] = list(self.permutation)
+        return cfg
+
+    def transform(self, x: tf.Tensor) -> tf.Tensor:
+        n = self.n
+        if self.permutation is not None:
+            perm = tf.constant(self.permutation, tf.int32)
+        else:
+            perm = tf.cast(tf.argsort(self._gen.uniform([n], dtype=tf.float32)), tf.int32)
+        out = []
+        for start in range(0, n, self.s):
+            members = range(start, min(start + self.s, n))
+            total = _distances.take_row(x, perm[members[0]])
+            for j in members[1:]:
+                total = total + _distances.take_row(x, perm[j])
+            out.append(total / tf.cast(len(members), x.dtype))
+        return tf.stack(out)
+
+
+# ------------------------------------------------------------------------------------------ clipping
+def _clip_rows(x: tf.Tensor, norm: tf.Tensor, bound: tf.Tensor) -> tf.Tensor:
+    """Rows scaled by ``min(1, bound / ||x_i||)``; a non-finite row (or norm) becomes NaN. One pass."""
+    ok = tf.math.is_finite(norm)
+    scale = tf.where(norm <= bound, tf.ones_like(norm), bound / norm)
+    scale = tf.where(ok, scale, tf.constant(float("nan"), tf.float64))
+    return x * tf.cast(scale, x.dtype)[:, None]
+
+
+@register_wrapper
+class Clipping(Wrapper):
+    r"""Static clipping: :math:`x_i \min\{1, c / \|x_i\|\}` (every row to norm at most ``c``, default 1).
+
+    As used before NNM and robust rules by Allouah et al. (AISTATS 2023; ICLR 2025). Keeps ``(n, f)``. A
+    non-finite row becomes a row of NaN. Two passes: the norms (:func:`~aggregathor.gars._distances.row_norms`,
+    TensorFlow's reduction: an XLA row reduction is several times slower on CPU), then the scaling.
+    """
+
+    name = "clipping"
+    jit_compile = False
+
+    def __init__(self, n: int, f: int, c: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(n, f, **kwargs)
+        if not float(c) > 0.0:
+            raise ValueError(f"{self.name}: c must be > 0, got {c!r}")
+        self.c = float(c)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "c": self.c}
+
+    def transform(self, x: tf.Tensor) -> tf.Tensor:
+        return _clip_rows(x, _distances.row_norms(x), tf.constant(self.c, tf.float64))
+
+
+@register_wrapper
+class ARC(Wrapper):
+    r"""Adaptive Robust Clipping: with :math:`k = \lfloor 2 (f/n) (n - f) \rfloor`, clip the :math:`k` rows of
+    largest norm to the :math:`(k+1)`-th largest norm :math:`C` (every row to norm at most :math:`C`).
+
+    Allouah, Guerraoui, Gupta, Jellouli, Rizk, Stephan, "Adaptive Gradient Clipping for Robust Federated
+    Learning", ICLR 2025 (arXiv 2405.14432, 2024), Algorithm 1. Keeps ``(n, f)``; ``k = 0`` (``f = 0``) is
+    the identity. A non-finite row has norm :math:`+\infty` (one of the largest) and becomes a row of NaN.
+    Two passes, as :class:`Clipping`.
+    """
+
+    name = "arc"
+    jit_compile = False
+
+    def check(self) -> None:
+        self._require(self.n > self.f, "n > f")
+
+    @property
+    def k(self) -> int:
+        return (2 * self.f * (self.n - self.f)) // self.n
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def transform(self, x: tf.Tensor) -> tf.Tensor:
+        norm = _distances.row_norms(x)
+        key = tf.where(tf.math.is_finite(norm), norm, tf.constant(float("inf"), tf.float64))
+        bound = tf.math.top_k(key, k=min(self.k, self.n - 1) + 1, sorted=True).values[-1]
+        return _clip_rows(x, norm, bound)
+
+
+# ----------------------------------------------------------------------------------------- composition
+class Composed(GAR):
+    """A rule behind a chain of wrappers, as built by :func:`compose` (a subclass per composition).
+
+    ``n``/``f`` are those the caller gave; ``inner`` is the rule built for the ``(n', f')`` reaching it.
+    """
+
+    def __init__(self, inner: GAR, wrappers: Sequence[Wrapper], n: int, f: int) -> None:
+        super().__init__(n, f)
+        self.inner = inner
+        self.wrappers = list(wrappers)
+
+    def check(self) -> None:
+        for w in self.wrappers:
+            w.check()
+        self.inner.check()
+
+    def get_config(self) -> dict[str, Any]:
+        cfg = {k: v for k, v in self.inner.get_config().items() if k not in ("name", "n", "f")}
+        return {
+            "name": self.inner.name,
+            "n": self.n,
+            "f": self.f,
+            "pre": [w.get_config() for w in self.wrappers],
+            **cfg,
+        }
+
+    def aggregate(self, x: tf.Tensor) -> tf.Tensor:
+        if self.jit_compile:  # one XLA cluster for the whole chain
+            for w in self.wrappers:
+                x = w.transform(x)
+            return self.inner.aggregate(x)
+        for w in self.wrappers:
+            x = w(x)
+        return self.inner.function(int(x.shape[1]), x.dtype)(x)
+
+    def __repr__(self) -> str:
+        return f"{self.wrappers!r} -> {self.inner!r}"
+
+
+def _spec(item: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    if isinstance(item, str):
+        return item, {}
+    if isinstance(item, dict) and "name" in item:
+        args = dict(item)
+        return str(args.pop("name")), args
+    raise ValueError(f"a wrapper is a name or a dict with a 'name', got {item!r}")
+
+
+def compose(name: str, n: int, f: int, pre: Sequence[str | dict[str, Any]], **kwargs: Any) -> GAR:
+    """The rule ``name`` behind the wrappers ``pre``; each stage is built for the ``(n, f)`` reaching it."""
+    if isinstance(pre, str | dict):
+        pre = [pre]
+    stages: list[Wrapper] = []
+    n_cur, f_cur = int(n), int(f)
+    for item in pre:
+        wname, args = _spec(item)
+        cls = _WRAPPERS.get(wname)
+        if cls is None:
+            raise ValueError(f"unknown pre-aggregation wrapper {wname!r}; known: {', '.join(names())}")
+        w = cls(n_cur, f_cur, **args)
+        w.check()
+        stages.append(w)
+        n_cur, f_cur = w.output_nf()
+    inner = registry()[name](n_cur, f_cur, **kwargs)
+    inner.check()
+    jit = inner.jit_compile and all(w.jit_compile for w in stages)
+    cls_ = type(
+        f"Composed{type(inner).__name__}",
+        (Composed,),
+        {"name": inner.name, "nan_robust": inner.nan_robust, "jit_compile": jit, "__doc__": Composed.__doc__},
+    )
+    return cls_(inner, stages, n, f)
