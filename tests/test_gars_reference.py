@@ -222,12 +222,17 @@ def test_ref_geometric_median_by_hand() -> None:
     # One smoothed-Weiszfeld step on 0, 1, 10 from the mean 11/3: weights 3/11, 3/8, 3/19 ->
     # (1/8 + 10/19) / (1/11 + 1/8 + 1/19) = 1089/449.
     x = col(0, 1, 10)
-    np.testing.assert_allclose(ref.geometric_median(x, iterations=1), [1089 / 449], rtol=1e-12)
-    np.testing.assert_allclose(ref.geometric_median(x, iterations=0), [11 / 3], rtol=1e-12)
+    mean = [11 / 3]
+    np.testing.assert_allclose(ref.geometric_median(x, iterations=1, start=mean), [1089 / 449], rtol=1e-12)
+    np.testing.assert_allclose(ref.geometric_median(x, iterations=0, start=mean), [11 / 3], rtol=1e-12)
+    # the default start: the medoid is 1 (distance sums 11, 10, 19); with f = 1 the mean of the n - f = 2 rows
+    # closest to it (1 and 0) is 0.5
+    np.testing.assert_allclose(ref.geometric_median(x, 1, iterations=0), [0.5], rtol=1e-12)
     # many steps: the geometric median of collinear points is their median
-    np.testing.assert_allclose(ref.geometric_median(x, iterations=200), [1.0], atol=1e-5)
+    np.testing.assert_allclose(ref.geometric_median(x, iterations=200, start=mean), [1.0], atol=1e-5)
     # a non-finite row gets weight 0
-    np.testing.assert_allclose(ref.geometric_median(col(0, 1, np.nan, 10), iterations=1), [1089 / 449])
+    np.testing.assert_allclose(ref.geometric_median(col(0, 1, np.nan, 10), iterations=1, start=mean),
+                               [1089 / 449])
 
 
 def test_ref_geometric_median_minimises_the_sum_of_distances() -> None:

@@ -21,7 +21,9 @@ def _positive_int(owner: str, name: str, value: Any, minimum: int) -> int:
 class GeometricMedian(GAR):
     r"""Approximate geometric median :math:`\arg\min_z \sum_i \|z - G_i\|` by the smoothed Weiszfeld algorithm.
 
-    From :math:`z^{(0)} = \frac1{|F|}\sum_{i \in F} G_i` (:math:`F`: the finite rows), ``iterations`` times:
+    From :math:`z^{(0)}` = the mean of the :math:`n - f` finite rows closest to the medoid of the finite rows
+    :math:`F` (the row with the smallest sum of distances to the others: an honest row while :math:`f < n/2`;
+    ties to the lowest index), ``iterations`` times:
 
     .. math:: \beta_i = \frac{1}{\max\{\nu, \|z^{(t)} - G_i\|\}} \ (i \in F), \qquad
               z^{(t+1)} = \frac{\sum_{i \in F} \beta_i G_i}{\sum_{i \in F} \beta_i}.
@@ -67,7 +69,18 @@ class GeometricMedian(GAR):
         okf = tf.cast(ok, tf.float64)
         gram = tf.where(ok[:, None] & ok[None, :], gram, tf.zeros_like(gram))
         g = tf.where(ok, g, tf.zeros_like(g))
-        a = okf / tf.maximum(tf.reduce_sum(okf), 1.0)
+        # Start at the mean of the n - f finite rows closest to the medoid (the row with the smallest sum of
+        # distances to the others; lowest index on ties): inside the honest cluster while f < n/2, where the
+        # plain mean can be dragged arbitrarily far, and (unlike the medoid itself) not a data point, where
+        # Weiszfeld iterations stall.
+        sq0 = tf.maximum(g[:, None] + g[None, :] - 2.0 * gram, 0.0)
+        inf = tf.constant(float("inf"), tf.float64)
+        total = tf.where(ok, tf.reduce_sum(tf.sqrt(sq0) * okf[None, :], axis=1), inf)
+        medoid = _distances.first_argmin(total)
+        near = tf.where(ok, tf.sqrt(tf.gather(sq0, medoid)), inf)
+        _, idx = tf.math.top_k(-near, k=self.n - self.f)
+        a = tf.reduce_sum(tf.one_hot(idx, self.n, dtype=tf.float64), axis=0) * okf
+        a = tf.where(tf.reduce_sum(a) > 0, a / tf.maximum(tf.reduce_sum(a), 1.0), okf)
         for _ in range(self.iterations):
             ka = tf.linalg.matvec(gram, a)
             sq = tf.maximum(g - 2.0 * ka + tf.reduce_sum(a * ka), 0.0)

@@ -31,7 +31,8 @@ Conventions (the fast path must match them):
   Which fast rules promise this is the class attribute ``nan_robust``; the tests only feed non-finite
   rows to those rules, at most ``f`` of them.
 - Choices the papers leave to the implementation, fixed here as the fast rules document them: Multi-Krum's
-  default ``m = n - f - 2`` (AggregaThor); the smoothed Weiszfeld's start (the mean of the finite rows) and
+  default ``m = n - f - 2`` (AggregaThor); the smoothed Weiszfeld's start (the mean of the n - f finite rows
+  closest to the medoid) and
   defaults (8 iterations, ``nu = 1e-6``); centered clipping's start (the coordinate-wise median; the
   paper's is the previous aggregate, pass it as ``center``); bucketing's last bucket (the mean of its
   actual members); Bulyan's ``variant="multi-krum"``, the original AggregaThor kernel
@@ -395,7 +396,9 @@ def geometric_median(
     r"""Smoothed Weiszfeld (Pillutla, Kakade, Harchaoui, "Robust Aggregation for Federated Learning",
     IEEE TSP 2022, Algorithm 2), equal weights :math:`\alpha_i = 1/n`.
 
-    From :math:`z^{(0)}` (``start``; default the mean of the finite rows), for :math:`t = 0 .. T - 1`:
+    From :math:`z^{(0)}` (``start``; default the mean of the :math:`n - f` finite rows closest to the medoid,
+    the finite row with the smallest sum of distances to the others, lowest index on ties: inside the honest
+    cluster while :math:`f < n/2`, and not a data point, where Weiszfeld stalls), for :math:`t = 0 .. T-1`:
     :math:`\beta_i = \alpha_i / \max\{\nu, \|z^{(t)} - x_i\|\}`, :math:`z^{(t+1)} = \sum_i \beta_i x_i /
     \sum_i \beta_i`; return :math:`z^{(T)}` (``iterations`` = :math:`T`, default 8 as the fast rule; no early
     stop). A non-finite row gets weight 0 (its distance is :math:`+\infty`).
@@ -405,7 +408,13 @@ def geometric_median(
     rows = a[ok]
     if len(rows) == 0:
         return np.full(a.shape[1], np.nan)
-    z = rows.mean(axis=0) if start is None else np.array(start, dtype=np.float64).reshape(a.shape[1])
+    if start is None:
+        dist = np.array([[float(np.linalg.norm(r - q)) for q in rows] for r in rows])
+        medoid = int(np.argmin(dist.sum(axis=1)))
+        near = np.argsort(dist[medoid], kind="stable")[: a.shape[0] - f]
+        z = rows[near].mean(axis=0)
+    else:
+        z = np.array(start, dtype=np.float64).reshape(a.shape[1])
     for _ in range(int(iterations)):
         weights = np.array([1.0 / max(nu, float(np.linalg.norm(z - row))) for row in rows])
         z = (weights[:, None] * rows).sum(axis=0) / weights.sum()
