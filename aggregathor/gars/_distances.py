@@ -160,8 +160,8 @@ def _centred_block(width: int, precise: bool) -> Callable[..., tf.Tensor]:
 
 
 def _block_gram(yt: tf.Tensor, diag_only: bool) -> tf.Tensor:
-    if diag_only:
-        return tf.cast(tf.reduce_sum(tf.square(yt), axis=0), tf.float64)
+    if diag_only:  # squared column norms of the (B, n) block, overflow-safe, summed in float64
+        return tf.square(row_norms(yt, axis=0))
     return tf.cast(tf.matmul(yt, yt, transpose_a=True), tf.float64)
 
 
@@ -179,7 +179,8 @@ def centred_gram(
     ``c`` is ``centre`` (a ``(d,)`` tensor) when given, else :func:`robust_centre` of the first ``ref_rows``
     rows (all rows by default; the rules pass ``2f + 1``). ``precise`` computes the products in float64.
     ``block`` overrides the number of columns per block (:func:`block_columns`). Non-finite rows give a
-    non-finite ``G_ii``.
+    non-finite ``G_ii``. ``diag_only`` needs no product: TensorFlow's norm reduction per block (exact enough
+    in the input dtype, no cancellation; overflow-safe), whatever ``precise``.
     """
     x = tf.convert_to_tensor(x)
     n, d = int(x.shape[0]), int(x.shape[1])
@@ -195,7 +196,7 @@ def centred_gram(
             c = _median_block(r, w)(xs, k)
         else:
             c = tf.slice(centre, tf.reshape(offset + k * w, [1]), [w])
-        return _block_gram(_centred_block(w, precise)(xs, k, c), diag_only)
+        return _block_gram(_centred_block(w, precise and not diag_only)(xs, k, c), diag_only)
 
     shape = [n] if diag_only else [n, n]
     gram = tf.zeros(shape, tf.float64)
@@ -385,21 +386,22 @@ def centred_combination(x: tf.Tensor, c: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
     return _combination_fn()(x, tf.cast(c, x.dtype), tf.cast(w, x.dtype))
 
 
-def row_norms(x: tf.Tensor) -> tf.Tensor:
-    """``||x_i||`` per row, ``(n,)`` float64: NaN for a row holding a NaN, ``+inf`` for a row holding an infinity.
+def row_norms(x: tf.Tensor, axis: int = 1) -> tf.Tensor:
+    """``||x_i||`` per row (``axis=1``; per column with ``axis=0``), float64: NaN for a row holding a NaN,
+    ``+inf`` for a row holding an infinity.
 
     TensorFlow's own Euclidean-norm reduction (one pass, about the cost of a mean; an XLA row reduction is
     several times slower on CPU). Rows whose float32 sum of squares overflows (finite values beyond about
     1e19) are recomputed on rows scaled by ``2**-80`` (a second pass, only when it happens).
     """
-    norm = tf.math.reduce_euclidean_norm(x, axis=1)
+    norm = tf.math.reduce_euclidean_norm(x, axis=axis)
     if x.dtype == tf.float64:
         return norm
     scale = 2.0**-80
 
     def rescaled() -> tf.Tensor:
-        big = tf.cast(tf.math.reduce_euclidean_norm(x * tf.constant(scale, x.dtype), axis=1), tf.float64) / scale
-        return tf.where(tf.math.is_inf(norm), big, tf.cast(norm, tf.float64))
+        small = tf.math.reduce_euclidean_norm(x * tf.constant(scale, x.dtype), axis=axis)
+        return tf.where(tf.math.is_inf(norm), tf.cast(small, tf.float64) / scale, tf.cast(norm, tf.float64))
 
     return tf.cond(tf.reduce_any(tf.math.is_inf(norm)), rescaled, lambda: tf.cast(norm, tf.float64))
 

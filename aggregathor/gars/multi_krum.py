@@ -30,7 +30,8 @@ class MultiKrum(GAR):
     always chosen first.
 
     Cost: the blocked centred Gram (one read of the data plus the product), then one fused XLA pass that
-    reads only the ``m`` selected rows (dynamic slices, no gather, no stack).
+    reads only the ``m`` selected rows (scalar-index gathers that XLA fuses as dynamic slices: no copy, no
+    stack, no matmul through which an unselected NaN row could leak).
     """
 
     name = "multi-krum"

@@ -5,15 +5,17 @@ list of wrapper names or dicts ``{"name": ..., **arguments}``, applied in order.
 ``(n, f)`` the next stage sees (bucketing turns ``n`` rows into ``ceil(n/s)`` buckets); the rule is built,
 and its bound checked, for the ``(n', f')`` that reaches it. The result is one GAR whose ``aggregate`` runs
 the wrappers and the rule in a single traced function: one XLA cluster when every part is XLA-compiled,
-otherwise a plain ``tf.function`` calling each part's own compiled function.
+otherwise a plain ``tf.function`` calling each part's own compiled function -- and when the last wrapper
+only scales rows (clipping, ARC) and the rule is XLA-compiled, the scaling runs inside the rule's cluster
+(the norms are computed before it), so the clipped rows are never written to memory.
 
 ============  ===========================================  ==================  ===========
 name          what                                         (n', f')            XLA
 ============  ===========================================  ==================  ===========
 nnm           row i -> mean of its n - f nearest rows      (n, f)              no (Gram, matmul)
 bucketing     random buckets of s rows -> their means      (ceil(n/s), f)      yes
-clipping      x_i * min(1, c / ||x_i||)                    (n, f)              no (norm reduction)
-arc           clip to the (k+1)-th largest norm            (n, f)              no (norm reduction)
+clipping      x_i * min(1, c / ||x_i||)                    (n, f)              scaling only
+arc           clip to the (k+1)-th largest norm            (n, f)              scaling only
 ============  ===========================================  ==================  ===========
 
 Non-finite rows: every wrapper maps a row holding a NaN or an infinity to a row of NaN (or, for bucketing,
@@ -57,10 +59,16 @@ class Wrapper:
     ``transform(x)`` is pure TensorFlow from ``(n, d)`` to ``(n', d)`` of the same dtype; :meth:`output_nf`
     gives ``(n', f')``; ``check()`` raises ValueError naming the violated bound; ``get_config()`` returns
     the ``{"name": ..., **arguments}`` dict that rebuilds it in ``pre=[...]``.
+
+    A ``fusable`` wrapper splits ``transform`` into ``prepare(x)`` (small results, e.g. per-row scales,
+    computed outside XLA) and ``apply(x, aux)`` (elementwise, cheap to fuse): when it is the last wrapper
+    before an XLA-compiled rule, ``apply`` runs inside the rule's XLA cluster and its ``(n, d)`` output is
+    never written to memory.
     """
 
     name: ClassVar[str] = ""
     jit_compile: ClassVar[bool] = True
+    fusable: ClassVar[bool] = False
 
     def __init__(self, n: int, f: int, **kwargs: Any) -> None:
         if kwargs:
@@ -78,6 +86,14 @@ class Wrapper:
         return {"name": self.name}
 
     def transform(self, x: tf.Tensor) -> tf.Tensor:
+        return self.apply(x, self.prepare(x))
+
+    def prepare(self, x: tf.Tensor) -> tf.Tensor | None:
+        """The non-elementwise part of a ``fusable`` wrapper (runs outside XLA)."""
+        return None
+
+    def apply(self, x: tf.Tensor, aux: tf.Tensor | None) -> tf.Tensor:
+        """The elementwise part of a ``fusable`` wrapper, given :meth:`prepare`'s result."""
         raise NotImplementedError
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
@@ -197,11 +213,14 @@ class Bucketing(Wrapper):
 
 
 # ------------------------------------------------------------------------------------------ clipping
-def _clip_rows(x: tf.Tensor, norm: tf.Tensor, bound: tf.Tensor) -> tf.Tensor:
-    """Rows scaled by ``min(1, bound / ||x_i||)``; a non-finite row (or norm) becomes NaN. One pass."""
+def _clip_scales(norm: tf.Tensor, bound: tf.Tensor) -> tf.Tensor:
+    """Per-row factors ``min(1, bound / ||x_i||)`` (float64); NaN for a non-finite row (or norm)."""
     ok = tf.math.is_finite(norm)
     scale = tf.where(norm <= bound, tf.ones_like(norm), bound / norm)
-    scale = tf.where(ok, scale, tf.constant(float("nan"), tf.float64))
+    return tf.where(ok, scale, tf.constant(float("nan"), tf.float64))
+
+
+def _scale_rows(x: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
     return x * tf.cast(scale, x.dtype)[:, None]
 
 
@@ -216,6 +235,7 @@ class Clipping(Wrapper):
 
     name = "clipping"
     jit_compile = False
+    fusable = True
 
     def __init__(self, n: int, f: int, c: float = 1.0, **kwargs: Any) -> None:
         super().__init__(n, f, **kwargs)
@@ -226,8 +246,11 @@ class Clipping(Wrapper):
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "c": self.c}
 
-    def transform(self, x: tf.Tensor) -> tf.Tensor:
-        return _clip_rows(x, _distances.row_norms(x), tf.constant(self.c, tf.float64))
+    def prepare(self, x: tf.Tensor) -> tf.Tensor:
+        return _clip_scales(_distances.row_norms(x), tf.constant(self.c, tf.float64))
+
+    def apply(self, x: tf.Tensor, aux: tf.Tensor | None) -> tf.Tensor:
+        return _scale_rows(x, aux)
 
 
 @register_wrapper
@@ -243,6 +266,7 @@ class ARC(Wrapper):
 
     name = "arc"
     jit_compile = False
+    fusable = True
 
     def check(self) -> None:
         self._require(self.n > self.f, "n > f")
@@ -254,11 +278,14 @@ class ARC(Wrapper):
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name}
 
-    def transform(self, x: tf.Tensor) -> tf.Tensor:
+    def prepare(self, x: tf.Tensor) -> tf.Tensor:
         norm = _distances.row_norms(x)
         key = tf.where(tf.math.is_finite(norm), norm, tf.constant(float("inf"), tf.float64))
         bound = tf.math.top_k(key, k=min(self.k, self.n - 1) + 1, sorted=True).values[-1]
-        return _clip_rows(x, norm, bound)
+        return _clip_scales(norm, bound)
+
+    def apply(self, x: tf.Tensor, aux: tf.Tensor | None) -> tf.Tensor:
+        return _scale_rows(x, aux)
 
 
 # ----------------------------------------------------------------------------------------- composition
@@ -272,6 +299,10 @@ class Composed(GAR):
         super().__init__(n, f)
         self.inner = inner
         self.wrappers = list(wrappers)
+        last = self.wrappers[-1] if self.wrappers else None
+        # a fusable last wrapper runs its elementwise part inside the rule's XLA cluster
+        self._fused = last is not None and last.fusable and inner.jit_compile and not self.jit_compile
+        self._fused_fn: Callable[..., tf.Tensor] | None = None
 
     def check(self) -> None:
         for w in self.wrappers:
@@ -293,9 +324,17 @@ class Composed(GAR):
             for w in self.wrappers:
                 x = w.transform(x)
             return self.inner.aggregate(x)
-        for w in self.wrappers:
+        head = self.wrappers[:-1] if self._fused else self.wrappers
+        for w in head:
             x = w(x)
-        return self.inner.function(int(x.shape[1]), x.dtype)(x)
+        if not self._fused:
+            return self.inner.function(int(x.shape[1]), x.dtype)(x)
+        last = self.wrappers[-1]
+        if self._fused_fn is None:
+            self._fused_fn = tf.function(
+                lambda x, aux: self.inner.aggregate(last.apply(x, aux)), jit_compile=True, autograph=False
+            )
+        return self._fused_fn(x, last.prepare(x))
 
     def __repr__(self) -> str:
         return f"{self.wrappers!r} -> {self.inner!r}"
