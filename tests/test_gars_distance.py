@@ -244,6 +244,23 @@ def test_distances_huge_rows_do_not_poison_the_honest_ones() -> None:
     np.testing.assert_allclose(got[4:, 4:], want[4:, 4:], rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_identical_rows_are_exact_duplicates(dtype: str) -> None:
+    """Clones (Byzantine or not) get distance exactly 0 and bitwise-equal distances to the others, so their
+    Krum scores tie exactly and the lowest index wins, whatever the matmul's rounding."""
+    rng = np.random.default_rng(12)
+    base = rng.normal(size=(4, 300)) * 3 + 10
+    x = base[[0, 1, 2, 1, 3, 1, 2, 0, 3, 2, 1]].astype(dtype)
+    dist = _distances_of(x, ref_rows=5, block=64)
+    for i in range(len(x)):
+        for j in range(len(x)):
+            if np.array_equal(x[i], x[j]):
+                assert dist[i, j] == 0.0
+                np.testing.assert_array_equal(np.delete(dist[i], [i, j]), np.delete(dist[j], [i, j]))
+    scores = _distances.krum_scores(tf.constant(dist), len(x) - 2 - 2).numpy()
+    assert scores[1] == scores[3] == scores[5] == scores[10]
+
+
 def test_centred_gram_explicit_centre_and_diag() -> None:
     rng = np.random.default_rng(5)
     x = rng.normal(size=(5, 33)).astype(np.float32)

@@ -15,7 +15,7 @@ measured 160% relative error for honest rows = shared gradient + 1e-3 noise). So
    of the order of the honest spread whatever the Byzantine rows hold (the median of 9 rows costs a third
    of the median of 20, and precision needs nothing more).
 2. **One read of the data.** The columns are processed in blocks of ``B`` (:data:`BLOCK_BYTES` of input,
-   32768 columns for 20 float32 rows), by :data:`LOOPS` independent ``tf.while_loop`` s over consecutive
+   65536 columns for 20 float32 rows), by :data:`LOOPS` independent ``tf.while_loop`` s over consecutive
    ranges of blocks. Per block: an XLA call computes the centre of the block (a min/max network over the
    ``2f + 1`` rows, fused), a second XLA call writes the centred block **transposed**, ``(B, n)``, into the
    cache, and TensorFlow's matmul (oneDNN/Eigen) computes ``Y_b^T``-major ``matmul(yt, yt, transpose_a=True)``
@@ -76,8 +76,10 @@ __all__ = [
     "weighted_sum",
 ]
 
-#: Target size in bytes of one ``(n, B)`` column block of the input (well inside a 2-4 MB L2 cache).
-BLOCK_BYTES = 5 * 2**19
+#: Target size in bytes of one ``(n, B)`` column block of the input: 65536 columns of 20 float32 rows.
+#: Measured at n = 20, d = 1e7 on 2 cores: 16384 columns 210 ms, 32768 186 ms, 65536 172 ms, 131072 about
+#: the same as 65536 with more variance, 262144 and more columns slower.
+BLOCK_BYTES = 5 * 2**20
 
 #: Loop iterations the executor may overlap (the next block's XLA pass with this block's product).
 PARALLEL_ITERATIONS = 2

@@ -96,6 +96,10 @@ class Wrapper:
         """The elementwise part of a ``fusable`` wrapper, given :meth:`prepare`'s result."""
         raise NotImplementedError
 
+    def apply_fused(self, x: tf.Tensor, aux: tf.Tensor | None) -> tf.Tensor:
+        """:meth:`apply` as written inside the rule's XLA cluster (same values)."""
+        return self.apply(x, aux)
+
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
         """``transform`` through its own ``tf.function`` (XLA-compiled when ``jit_compile``)."""
         if self._fn is None:
@@ -224,6 +228,14 @@ def _scale_rows(x: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
     return x * tf.cast(scale, x.dtype)[:, None]
 
 
+def _scale_rows_fused(x: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
+    """``_scale_rows`` written row by row, for use inside an XLA cluster: XLA folds ``stack`` then ``unstack``
+    away and fuses each scaled row into its users, where a broadcast product with n users would be
+    written to memory first (2.5 times slower before a median at d = 1e7)."""
+    scale = tf.cast(scale, x.dtype)
+    return tf.stack([x[i] * scale[i] for i in range(int(x.shape[0]))])
+
+
 @register_wrapper
 class Clipping(Wrapper):
     r"""Static clipping: :math:`x_i \min\{1, c / \|x_i\|\}` (every row to norm at most ``c``, default 1).
@@ -251,6 +263,9 @@ class Clipping(Wrapper):
 
     def apply(self, x: tf.Tensor, aux: tf.Tensor | None) -> tf.Tensor:
         return _scale_rows(x, aux)
+
+    def apply_fused(self, x: tf.Tensor, aux: tf.Tensor | None) -> tf.Tensor:
+        return _scale_rows_fused(x, aux)
 
 
 @register_wrapper
@@ -286,6 +301,9 @@ class ARC(Wrapper):
 
     def apply(self, x: tf.Tensor, aux: tf.Tensor | None) -> tf.Tensor:
         return _scale_rows(x, aux)
+
+    def apply_fused(self, x: tf.Tensor, aux: tf.Tensor | None) -> tf.Tensor:
+        return _scale_rows_fused(x, aux)
 
 
 # ----------------------------------------------------------------------------------------- composition
@@ -332,7 +350,7 @@ class Composed(GAR):
         last = self.wrappers[-1]
         if self._fused_fn is None:
             self._fused_fn = tf.function(
-                lambda x, aux: self.inner.aggregate(last.apply(x, aux)), jit_compile=True, autograph=False
+                lambda x, aux: self.inner.aggregate(last.apply_fused(x, aux)), jit_compile=True, autograph=False
             )
         return self._fused_fn(x, last.prepare(x))
 
