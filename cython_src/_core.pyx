@@ -846,7 +846,7 @@ cdef class Core:
         return r
 
     def send_fin(self, int dst, int dtype_code, uint64_t tag, uint32_t tid, uint64_t nbytes, uint32_t sent,
-                 int copies=2):
+                 int copies=3):
         """Announce to ``dst`` that message ``(tag, tid)`` of ``nbytes`` bytes is fully sent (``sent``
         datagrams); ``copies`` identical FIN datagrams make a lost announcement unlikely."""
         self._check_rank(dst)

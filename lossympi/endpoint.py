@@ -208,7 +208,7 @@ class Endpoint:
     buffer_bytes : int
         Socket send and receive buffer to ask of the kernel.
     send_fin : bool
-        After a message, send two FIN datagrams that tell the receiver nothing more is coming, so that a
+        After a message, send three FIN datagrams that tell the receiver nothing more is coming, so that a
         lossy receive ends ``fin_grace`` seconds after the last datagram instead of at its deadline.
     fin_grace : float
         Seconds a receive still waits after its sender's FIN (for datagrams reordered behind it).

@@ -198,16 +198,22 @@ UDP_SINK = textwrap.dedent(r"""
             s.settimeout(idle)
     except socket.timeout:
         pass
-    print(json.dumps({"distinct": len(seen), "total": total}), flush=True)
+    print(json.dumps({"distinct": len(seen), "total": total, "seen": sorted(seen)}), flush=True)
 """)
 
 UDP_SOURCE = textwrap.dedent(r"""
     import socket, sys, time
     host, port, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    seg = int(sys.argv[5]) if len(sys.argv) > 5 else 0  # > 0: UDP GSO, seg datagrams per send
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER = IP_PMTUDISC_DO: never fragment
     pad = bytes(size - 4)
-    for i in range(n):
+    if seg:
+        s.setsockopt(17, 103, size)  # SOL_UDP, UDP_SEGMENT: the kernel cuts each send into size-byte datagrams
+        for b in range(0, n, seg):
+            s.sendto(b"".join(i.to_bytes(4, "big") + pad for i in range(b, min(n, b + seg))), (host, port))
+            time.sleep(0.0005)
+    for i in range(0 if seg else n):
         s.sendto(i.to_bytes(4, "big") + pad, (host, port))
         if i % 200 == 199:
             time.sleep(0.001)
@@ -276,10 +282,11 @@ def _start(cluster: Cluster, host: int, code: str, *args: Any) -> subprocess.Pop
 
 
 def _datagrams(cluster: Cluster, src: int, dst: int, n: int = N_DATAGRAMS, size: int = 64, port: int = 9100,
-               ) -> dict[str, int]:
-    """Send ``n`` numbered datagrams from host ``src`` to host ``dst``; how many distinct ones arrived."""
+               gso: int = 0) -> dict[str, Any]:
+    """Send ``n`` numbered datagrams from host ``src`` to host ``dst`` (``gso`` > 0: that many per UDP GSO send);
+    how many distinct ones arrived, and which."""
     sink = _start(cluster, dst, UDP_SINK, cluster.ips[dst], port, 0.4)
-    cluster.run(src, [PY, "-I", "-c", UDP_SOURCE, cluster.ips[dst], port, n, size], check=True, timeout=60)
+    cluster.run(src, [PY, "-I", "-c", UDP_SOURCE, cluster.ips[dst], port, n, size, gso], check=True, timeout=60)
     out, _ = sink.communicate(timeout=30)
     return json.loads(out)
 
@@ -342,6 +349,37 @@ def test_loss_on_receiver_link(cluster: Cluster) -> None:
           f"(loss {1 - got['distinct'] / N_DATAGRAMS:.4f})")
     assert got["total"] == got["distinct"]
     assert _within_5_sigma(got["distinct"], N_DATAGRAMS, 0.8), got
+
+
+def _all_or_nothing(seen: list[int], n: int, burst: int) -> float:
+    """Fraction of the ``burst``-datagram sends that arrived entirely or not at all."""
+    counts = [0] * math.ceil(n / burst)
+    for i in seen:
+        counts[i // burst] += 1
+    return sum(c in (0, burst) for c in counts) / len(counts)
+
+
+@needs_root
+def test_loss_is_per_datagram_under_udp_gso(cluster: Cluster) -> None:
+    """With the default ``per_packet=True`` a 40-datagram GSO send loses each datagram independently (all-or-
+    nothing has probability 0.8^40 + 0.2^40 ~ 1e-4 per send), not the whole 64 KB burst at once."""
+    assert cluster.per_packet and cluster.offloads[1]["tx-udp-segmentation"] is False
+    got = _datagrams(cluster, 1, 0, n=4000, size=1400, gso=40, port=9101)
+    whole = _all_or_nothing(got["seen"], 4000, 40)
+    print(f"\nper-packet: received {got['distinct']}/4000, all-or-nothing sends {whole:.3f}")
+    assert _within_5_sigma(got["distinct"], 4000, 0.8), got["distinct"]
+    assert whole <= 0.05
+
+
+@needs_root
+def test_keeping_offloads_drops_whole_gso_bursts() -> None:
+    """The control: with ``per_packet=False`` the loss rule sees one 40-datagram buffer per send."""
+    with Cluster(2, per_host={0: LinkSpec(loss=0.2)}, per_packet=False) as c:
+        assert c.offloads == {} and c.describe()["per_packet"] is False
+        got = _datagrams(c, 1, 0, n=4000, size=1400, gso=40, port=9102)
+    whole = _all_or_nothing(got["seen"], 4000, 40)
+    print(f"\noffloads kept: received {got['distinct']}/4000, all-or-nothing sends {whole:.3f}")
+    assert whole >= 0.9
 
 
 @needs_root

@@ -26,8 +26,9 @@ spent on it. Timing is done by the root (see :mod:`lossympi.bench._gather_worker
 against the values sent (a strided sample of every row).
 
 So that the loss applies to packets and not to 64 KB GSO/TSO bursts, every host's ``eth0`` gets its TCP and UDP
-segmentation offloads switched off (:func:`per_packet_loss`; ``--keep-gso`` leaves them on). The root process of
-every transport runs at ``--root-nice`` (default -10): the ``n + 1`` emulated hosts share this machine's CPUs.
+segmentation offloads switched off (``lossympi.netem.Cluster(per_packet=True)``; ``--keep-gso`` leaves them
+on). The root process of every transport runs at ``--root-nice`` (default -10): the ``n + 1`` emulated hosts
+share this machine's CPUs.
 Kernel drop counters (UDP receive-buffer errors in the root's namespace, ``softnet_stat`` drops) are recorded
 per transport and loss level, and the share of the CPUs used by other processes per ``(n, d)``.
 
@@ -305,39 +306,6 @@ class Group:
             self.log.close()
 
 
-#: Offloads switched off on every host's eth0 so that the loss applies per datagram / segment.
-SEGMENTATION_FEATURES = ("tx-tcp-segmentation", "tx-tcp6-segmentation", "tx-tcp-ecn-segmentation",
-                         "tx-tcp-mangleid-segmentation", "tx-tcp-accecn-segmentation", "tx-udp-segmentation")
-
-
-def per_packet_loss(cluster: Any) -> dict[str, Any]:
-    """Make every host segment its TSO / UDP-GSO packets in software before they leave it.
-
-    A veth hands GSO "super-packets" (up to 64 KB: a TSO burst of TCP, or 44 datagrams of lossympi's UDP GSO)
-    to the bridge and on to the root as one skb, and the nftables loss rule drops skbs: one draw of ``loss``
-    would drop up to 44 packets at once. With the TCP and UDP segmentation offloads off on each sender's
-    ``eth0`` (generic segmentation stays on, so the stacks still build 64 KB skbs cheaply, like with a NIC
-    that does TSO), the kernel cuts them into MTU-sized packets in ``validate_xmit_skb`` on the sending host,
-    and each datagram / segment is dropped independently, as on a real wire. The root's veth has GRO off
-    (the veth default), so nothing is merged again before the loss rule.
-
-    Returns the features of host 0 after the change.
-    """
-    argv = [sys.executable, "-m", "lossympi.bench._ethtool", "eth0", *(f"{f}=off" for f in SEGMENTATION_FEATURES)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    state: dict[str, Any] = {}
-    for i in range(len(cluster.hosts)):
-        res = cluster.run(i, argv, capture_output=True, text=True, timeout=60, env=env, cwd=str(_ROOT))
-        if res.returncode != 0:
-            raise GroupError(f"cannot switch segmentation offloads off on host {i}: {res.stderr.strip()}")
-        now = json.loads(res.stdout)
-        if any(now.values()):
-            raise GroupError(f"host {i}: segmentation offloads still on after switching them off: {now}")
-        if i == 0:
-            state = now
-    return state
-
-
 def mpiexec_path() -> str:
     here = Path(sys.executable).parent / "mpiexec"
     found = str(here) if here.exists() else shutil.which("mpiexec")
@@ -581,10 +549,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rate = args.rate
             per: dict[float, dict[str, dict[str, Any]]] = {p: {} for p in losses}
             log(f"n={n} d={d}: building a cluster of {n + 1} hosts")
-            with Cluster(n + 1, link=LinkSpec(rate=rate), per_host={0: LinkSpec(loss=losses[0], rate=rate)}) as c:
+            with Cluster(n + 1, link=LinkSpec(rate=rate), per_host={0: LinkSpec(loss=losses[0], rate=rate)},
+                         per_packet=not args.keep_gso) as c:
                 cluster_info = c.describe()
                 if not args.keep_gso:
-                    cluster_info["offloads_root"] = per_packet_loss(c)
+                    cluster_info["offloads_root"] = c.offloads[0]
                 for t in transports:
                     group: Group | None = None
                     start_failed: str | None = None

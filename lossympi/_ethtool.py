@@ -1,8 +1,9 @@
 """Turn network device offload features on or off (``ethtool -K`` without the ``ethtool`` program).
 
-Used by :mod:`lossympi.bench.gather` inside each host namespace of an emulated cluster::
+Used by :class:`lossympi.netem.Cluster` on every host's ``eth0`` (so that its loss applies per packet), and as a
+command inside a namespace::
 
-    python -m lossympi.bench._ethtool eth0 tx-tcp-segmentation=off tx-udp-segmentation=off ...
+    python -m lossympi._ethtool eth0 tx-tcp-segmentation=off tx-udp-segmentation=off ...
 
 prints a JSON object ``{feature: active}`` after the change (features the device does not know are left out).
 It talks to the kernel with the ``SIOCETHTOOL`` ioctl (``ETHTOOL_GSSET_INFO`` / ``ETHTOOL_GSTRINGS`` for the
@@ -12,14 +13,19 @@ feature names, ``ETHTOOL_SFEATURES`` / ``ETHTOOL_GFEATURES`` to set and read the
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import fcntl
 import json
+import os
 import socket
 import struct
 import sys
+import threading
 from collections.abc import Mapping
 
-__all__ = ["feature_names", "get_features", "set_features"]
+__all__ = ["feature_names", "get_features", "netns_socket", "set_features"]
+
+CLONE_NEWNET = 0x40000000
 
 SIOCETHTOOL = 0x8946
 ETHTOOL_GSTRINGS = 0x1B
@@ -61,9 +67,43 @@ def get_features(sock: socket.socket, dev: str, names: list[str] | None = None) 
     return out
 
 
-def set_features(dev: str, wanted: Mapping[str, bool]) -> dict[str, bool]:
-    """Request ``wanted`` features on ``dev`` (unknown names are skipped); returns their active state after."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+def netns_socket(netns: str) -> socket.socket:
+    """A UDP socket that lives in the named network namespace (``/run/netns/<netns>``, as ``ip netns`` makes).
+
+    A short-lived thread enters the namespace (``setns`` changes only the calling thread) and opens the socket;
+    a socket stays in the namespace it was created in, so the caller's device ioctls on it name that
+    namespace's devices. Needs ``CAP_SYS_ADMIN``.
+    """
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    box: dict[str, object] = {}
+
+    def enter() -> None:
+        try:
+            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns into network namespace {netns!r}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            box["sock"] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    t = threading.Thread(target=enter, name=f"setns-{netns}", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["sock"]  # type: ignore[return-value]
+
+
+def set_features(dev: str, wanted: Mapping[str, bool], netns: str | None = None) -> dict[str, bool]:
+    """Request ``wanted`` features on ``dev`` (unknown names are skipped); returns their active state after.
+
+    ``netns``: the device's network namespace (default: this process's).
+    """
+    with (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) if netns is None else netns_socket(netns)) as sock:
         names = feature_names(sock, dev)
         blocks = [[0, 0] for _ in range((len(names) + 31) // 32)]
         for name, on in wanted.items():
@@ -82,7 +122,7 @@ def set_features(dev: str, wanted: Mapping[str, bool]) -> dict[str, bool]:
 
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
-        print("usage: python -m lossympi.bench._ethtool DEV FEATURE=on|off ...", file=sys.stderr)
+        print("usage: python -m lossympi._ethtool DEV FEATURE=on|off ...", file=sys.stderr)
         return 2
     wanted = {}
     for arg in argv[1:]:
