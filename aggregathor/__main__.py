@@ -21,6 +21,9 @@ def _train_parser(sub: Any) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
+        if isinstance(default, bool):  # --step-log / --no-step-log (type=bool would read "false" as True)
+            tr.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default: {default})")
+            continue
         kind = type(default) if default is not None else str
         tr.add_argument(flag, type=kind, default=None, help=f"(default: {default})")
     tr.add_argument("--gar-option", action="append", default=[], metavar="KEY=VALUE",

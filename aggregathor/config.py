@@ -54,6 +54,7 @@ class TrainConfig:
     run_dir: str = "runs/latest"
     launcher: str = "local"
     json_out: str | None = None
+    step_log: bool = True
     gar_options: dict[str, Any] = field(default_factory=dict)
     attack_options: dict[str, Any] = field(default_factory=dict)
 
@@ -114,6 +115,7 @@ class TrainConfig:
              f"--loss {self.loss} emulates datagram loss on lossympi; with --transport {self.transport} emulate "
              "loss on the network instead (tools/netem)")
         need(self.deadline > 0, f"--deadline must be > 0 seconds, got {self.deadline}")
+        need(isinstance(self.step_log, bool), f"--step-log must be true or false, got {self.step_log!r}")
         need(self.partition in ("iid", "dirichlet"), f"--partition must be iid or dirichlet, got {self.partition!r}")
         if self.experiment not in experiments.names():
             raise ConfigError(f"unknown --experiment {self.experiment!r}; known: {', '.join(experiments.names())}")

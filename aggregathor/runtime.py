@@ -144,6 +144,9 @@ async def run_server(cfg: TrainConfig, transport: StepTransport, *, progress: bo
     start = int(step_var.numpy())
     writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
     evals = (run_dir / "eval.jsonl").open("a")
+    # one JSON row per step (tools/soak.py reads it): buffered, flushed about every second and at each eval
+    step_log = (run_dir / "steps.jsonl").open("a", buffering=1 << 16) if cfg.step_log else None
+    flushed = time.monotonic()
     deadline = Deadline(cfg.deadline)
     lost_chunks = chunks = lost_grads = rejected = 0
     history: list[dict[str, Any]] = []
@@ -157,10 +160,14 @@ async def run_server(cfg: TrainConfig, transport: StepTransport, *, progress: bo
     last_eval: dict[str, Any] = {}
     try:
         for step in range(start, cfg.steps):
+            t_step = time.monotonic()
             await transport.control({"step": step})
             theta[...] = flat.get()
             await transport.params(theta, timeout=cfg.deadline)
-            report = await transport.grads(None, rows, time.monotonic() + deadline.next())
+            step_deadline = deadline.next()
+            t_gather = time.monotonic()
+            report = await transport.grads(None, rows, t_gather + step_deadline)
+            t_gathered = time.monotonic()
             assert report is not None
             deadline.observe_gather(report, n)
             lost_chunks += report.lost_chunks
@@ -173,12 +180,24 @@ async def run_server(cfg: TrainConfig, transport: StepTransport, *, progress: bo
             else:
                 flat.apply(g)
             step_var.assign(step + 1)
+            if step_log is not None:  # the step's duration: control, params, gather, rule, update (no eval)
+                now = time.monotonic()
+                step_log.write(json.dumps({
+                    "step": step, "wall": round(now - t0, 4), "seconds": round(now - t_step, 5),
+                    "deadline": round(step_deadline, 5), "gather_seconds": round(t_gathered - t_gather, 5),
+                    "lost_chunks": report.lost_chunks, "chunks": report.chunks,
+                    "lost_gradients": int(np.sum(report.delivered == 0))}) + "\n")
+                if now - flushed >= 1.0:
+                    step_log.flush()
+                    flushed = now
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(lost=f"{100 * lost_chunks / max(1, chunks):.2f}%", acc=last_eval.get("accuracy", "-"))
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 last_eval = _evaluate(exp, model, step + 1, t0, lost_chunks, chunks, lost_grads, writer, evals)
                 history.append(last_eval)
+                if step_log is not None:
+                    step_log.flush()
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                 manager.save(checkpoint_number=step + 1)
         manager.save(checkpoint_number=cfg.steps)
@@ -187,6 +206,8 @@ async def run_server(cfg: TrainConfig, transport: StepTransport, *, progress: bo
         if bar is not None:
             bar.close()
         evals.close()
+        if step_log is not None:
+            step_log.close()
     wall = time.monotonic() - t0
     final = history[-1] if history else _evaluate(exp, model, cfg.steps, t0, lost_chunks, chunks, lost_grads,
                                                    writer, None)

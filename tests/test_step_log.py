@@ -1,0 +1,65 @@
+"""Issue 7 item 5: the server writes one JSON row per step to ``<run_dir>/steps.jsonl`` (read by tools/soak.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from aggregathor.config import ConfigError, TrainConfig
+from aggregathor.launch import launch
+
+FIELDS = {"step", "wall", "seconds", "deadline", "gather_seconds", "lost_chunks", "chunks", "lost_gradients"}
+
+
+def _cfg(tmp_path: Path, **kw) -> TrainConfig:
+    base = dict(launcher="simulate", workers=4, f=1, byzantine=0, gar="median", steps=12, eval_every=5,
+                checkpoint_every=0, loss=0.05, deadline=2.0, run_dir=str(tmp_path / "run"), seed=3)
+    return TrainConfig.from_dict(base | kw)
+
+
+def test_a_short_run_writes_one_row_per_step_with_its_timings_and_losses(tmp_path):
+    summary = launch(_cfg(tmp_path), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(12))
+    for r in rows:
+        assert set(r) >= FIELDS, r
+        assert 0 < r["gather_seconds"] <= r["seconds"]
+        assert 0 < r["deadline"] <= 2.0
+        assert 0 <= r["lost_chunks"] <= r["chunks"]
+        assert 0 <= r["lost_gradients"] <= 4
+    walls = [r["wall"] for r in rows]
+    assert walls == sorted(walls) and walls[-1] <= summary.wall_seconds
+    assert sum(r["chunks"] for r in rows) > 0
+    # the rows add up to the run's totals
+    total_lost = sum(r["lost_chunks"] for r in rows) / sum(r["chunks"] for r in rows)
+    assert total_lost == pytest.approx(summary.lost_chunk_fraction)
+    assert sum(r["lost_gradients"] for r in rows) == summary.lost_gradients
+
+
+def test_step_log_off_writes_no_file(tmp_path):
+    launch(_cfg(tmp_path, steps=3, step_log=False), progress=False)
+    assert (tmp_path / "run" / "eval.jsonl").exists()
+    assert not (tmp_path / "run" / "steps.jsonl").exists()
+
+
+def test_step_log_must_be_a_boolean(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('step_log = "yes"\n')
+    with pytest.raises(ConfigError, match="--step-log must be true or false"):
+        TrainConfig.from_toml(path)
+    path.write_text("step_log = false\n")
+    assert TrainConfig.from_toml(path).step_log is False
+
+
+def test_cli_has_step_log_and_no_step_log_flags():
+    import argparse
+
+    from aggregathor.__main__ import _config, _train_parser
+
+    parser = argparse.ArgumentParser()
+    _train_parser(parser.add_subparsers(dest="cmd"))
+    assert _config(parser.parse_args(["train"])).step_log is True
+    assert _config(parser.parse_args(["train", "--no-step-log"])).step_log is False
+    assert _config(parser.parse_args(["train", "--step-log"])).step_log is True
