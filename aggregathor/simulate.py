@@ -5,6 +5,11 @@ The same server and worker loops as a real run (:mod:`aggregathor.runtime`) run 
 into the same chunks as on the wire (1424-byte payloads), lossympi's seeded fault injector decides which
 chunks are dropped, the missing chunks of a gradient get the fill policy, and a worker keeps the last value
 of the parameter chunks it missed. Nothing touches a socket, so research sweeps run fast and reproducibly.
+
+Byzantine workers here are **omniscient**, as in the papers' threat model: :meth:`SimTransport.honest_gradients`
+is their side channel, which hands them the gradients the honest workers computed in the same step (before any
+loss), and they wait for those before they attack. In multi-process runs they estimate them instead (see
+:func:`aggregathor.runtime.run_worker`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from aggregathor.config import TrainConfig
-from aggregathor.runtime import RunSummary, run_server, run_worker
+from aggregathor.runtime import RunSummary, run_server, run_worker, worker_role
 from aggregathor.transport import GatherReport
 
 __all__ = ["SimTransport", "simulate"]
@@ -41,6 +46,8 @@ class _Hub:
         self.rows: np.ndarray | None = None
         self.arrived: dict[int, tuple[float, int, int]] = {}
         self.all_arrived = asyncio.Event()
+        self.honest: dict[int, np.ndarray] = {}  # this step's honest gradients, before loss (the side channel)
+        self.honest_ready = asyncio.Event()
         self.rng = np.random.default_rng(cfg.seed)
 
     def element_mask(self, injector: Any, peer: int, size: int) -> tuple[np.ndarray, int, int]:
@@ -66,6 +73,8 @@ class SimTransport:
             hub.theta_ready.clear()
             hub.arrived.clear()
             hub.all_arrived.clear()
+            hub.honest.clear()
+            hub.honest_ready.clear()
             for q in hub.control.values():
                 q.put_nowait(dict(meta))
             return meta
@@ -89,6 +98,10 @@ class SimTransport:
         hub = self.hub
         if self.rank != 0:
             assert grad is not None and hub.rows is not None
+            if not worker_role(hub.cfg, self.rank):
+                hub.honest[self.rank] = grad.copy()
+                if len(hub.honest) == hub.n - hub.cfg.byzantine:
+                    hub.honest_ready.set()
             mask, lost, count = hub.element_mask(hub.up[self.rank], 0, grad.size)
             row = hub.rows[self.rank]
             row[...] = grad
@@ -107,6 +120,15 @@ class SimTransport:
         lost = sum(v[1] for v in hub.arrived.values())
         chunks = sum(v[2] for v in hub.arrived.values())
         return GatherReport(delivered, lost, chunks, 0.0, [0.0] * int(np.sum(delivered == 1.0)), 0)
+
+    async def honest_gradients(self) -> np.ndarray:
+        """The colluders' side channel: the ``(n - byzantine, d)`` honest gradients of the current step, once
+        every honest worker has computed its own (rank order)."""
+        hub = self.hub
+        if hub.n == hub.cfg.byzantine:
+            raise ValueError("no honest worker: there is nothing to observe")
+        await hub.honest_ready.wait()
+        return np.stack([hub.honest[r] for r in sorted(hub.honest)])
 
     @property
     def lost_row_fill(self) -> float:
