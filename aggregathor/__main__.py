@@ -10,10 +10,39 @@ from typing import Any
 
 from aggregathor.config import TrainConfig
 
+#: What each TrainConfig field means, for ``aggregathor train --help`` (the default is appended).
+FLAG_HELP = {
+    "experiment": "model + data set: digits, mnist, fashion-mnist, cifar10, resnet50, synthetic",
+    "gar": "aggregation rule (aggregathor.gars): average, median, multi-krum, bulyan, krum, trimmed-mean, ...",
+    "workers": "number of workers n (ranks 1..n; rank 0 is the parameter server)",
+    "f": "declared bound on Byzantine workers, given to the rule",
+    "byzantine": "how many workers really attack (the last ranks)",
+    "attack": "what the Byzantine workers do (aggregathor.attacks): reverse, alie, ipm, nan, label-flip, ...",
+    "steps": "training steps",
+    "batch_size": "mini-batch per worker and step",
+    "optimizer": "sgd, momentum or adam",
+    "lr": "learning rate",
+    "momentum": "momentum of --optimizer momentum",
+    "schedule": "learning-rate schedule: constant, cosine or step",
+    "transport": "lossympi (UDP, lossy), tcp, grpc or mpi (reliable baselines)",
+    "loss": "emulated datagram loss: lossympi's fault injector drops this fraction of every rank's datagrams",
+    "fill": "value of lost gradient chunks: zero, random, nan or last",
+    "params": "parameters to the workers: lossy (datagrams, 'last' fill) or reliable (TCP control channel)",
+    "deadline": "seconds a step waits at most for the gradients (adaptive below this cap)",
+    "seed": "seed of the model, the data partition, the batches and the attacks",
+    "partition": "data partition across workers: iid or dirichlet",
+    "alpha": "concentration of --partition dirichlet (smaller: less IID)",
+    "eval_every": "evaluate on the test set every this many steps",
+    "checkpoint_every": "checkpoint every this many steps (0: only at the end); a restart resumes",
+    "run_dir": "directory of checkpoints, TensorBoard, eval.jsonl, steps.jsonl",
+    "launcher": "local (processes on loopback), mpi (under mpiexec) or simulate (one process)",
+    "json_out": "write the run's JSON summary here",
+    "step_log": "write one JSON line per step to RUN_DIR/steps.jsonl",
+}
+
 
 def _train_parser(sub: Any) -> None:
-    tr = sub.add_parser("train", help="train with a trusted parameter server and n workers, f of them Byzantine",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tr = sub.add_parser("train", help="train with a trusted parameter server and n workers, f of them Byzantine")
     defaults = TrainConfig()
     tr.add_argument("--config", help="TOML file of settings (flags given here override it)")
     for f in dataclasses.fields(TrainConfig):
@@ -22,10 +51,11 @@ def _train_parser(sub: Any) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         if isinstance(default, bool):  # --step-log / --no-step-log (type=bool would read "false" as True)
-            tr.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default: {default})")
+            tr.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                            help=f"{FLAG_HELP.get(f.name, '')} (default: {default})")
             continue
         kind = type(default) if default is not None else str
-        tr.add_argument(flag, type=kind, default=None, help=f"(default: {default})")
+        tr.add_argument(flag, type=kind, default=None, help=f"{FLAG_HELP.get(f.name, '')} (default: {default})")
     tr.add_argument("--gar-option", action="append", default=[], metavar="KEY=VALUE",
                     help="extra argument of the rule, e.g. m=5 (JSON values)")
     tr.add_argument("--attack-option", action="append", default=[], metavar="KEY=VALUE",
