@@ -12,27 +12,15 @@ one honest worker), ``alie-opt`` and ``ipm-opt`` (scale tuned against a rule).
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any
 
-from aggregathor.attacks.base import Attack, as_honest, as_rng, damage, register, registry
+from aggregathor.attacks.base import REGISTRY, Attack, as_honest, as_rng, damage, register, registry
 
 __all__ = ["Attack", "as_honest", "as_rng", "damage", "get", "names", "register", "registry"]
 
-_PRIVATE = {"base"}
-
-
-def _load_all() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_") and info.name not in _PRIVATE:
-            importlib.import_module(f"{__name__}.{info.name}")
-
-
 def names() -> list[str]:
     """Names of the registered attacks, sorted."""
-    _load_all()
-    return sorted(registry())
+    return REGISTRY.names()
 
 
 def get(name: str, **params: Any) -> Attack:
@@ -41,8 +29,4 @@ def get(name: str, **params: Any) -> Attack:
     Raises ValueError naming the known attacks for an unknown name, TypeError for an unknown parameter and
     ValueError for a bad parameter value.
     """
-    _load_all()
-    table = registry()
-    if name not in table:
-        raise ValueError(f"unknown attack {name!r}; known: {', '.join(sorted(table))}")
-    return table[name](**params)
+    return REGISTRY.get(name)(**params)

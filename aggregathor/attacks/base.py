@@ -23,23 +23,22 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from aggregathor._registry import Registry
+
 __all__ = ["Attack", "as_honest", "as_rng", "damage", "register", "registry"]
 
-_REGISTRY: dict[str, type[Attack]] = {}
+#: The registered classes by name; the public modules of ``aggregathor.attacks`` register theirs.
+REGISTRY: Registry[type[Attack]] = Registry("attack", "aggregathor.attacks", ("base"))
 
 
 def register(cls: type[Attack]) -> type[Attack]:
     """Class decorator: make ``cls`` available as ``aggregathor.attacks.get(cls.name, ...)``."""
-    name = cls.name
-    if not name or name in _REGISTRY:
-        raise ValueError(f"attack name {name!r} is empty or already registered")
-    _REGISTRY[name] = cls
-    return cls
+    return REGISTRY.register(cls)
 
 
 def registry() -> dict[str, type[Attack]]:
-    """A copy of the name -> class registry."""
-    return dict(_REGISTRY)
+    """A copy of the name -> class registry (what is imported so far)."""
+    return REGISTRY.table()
 
 
 def _to_numpy(x: Any) -> np.ndarray:

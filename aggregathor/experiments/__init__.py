@@ -11,11 +11,10 @@ The parameter server ships parameters and gradients as one flat float32 vector: 
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any
 
 from aggregathor.experiments.base import (
+    REGISTRY,
     DatasetUnavailable,
     Experiment,
     batch_indices,
@@ -44,19 +43,9 @@ __all__ = [
 ]
 
 DEFAULT = "digits"
-_PRIVATE = {"base", "flat", "models"}
-
-
-def _load_all() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_") and info.name not in _PRIVATE:
-            importlib.import_module(f"{__name__}.{info.name}")
-
-
 def names() -> list[str]:
     """Names of the registered experiments, sorted."""
-    _load_all()
-    return sorted(registry())
+    return REGISTRY.names()
 
 
 def get(name: str = DEFAULT, **options: Any) -> Experiment:
@@ -65,8 +54,4 @@ def get(name: str = DEFAULT, **options: Any) -> Experiment:
     Raises ValueError naming the known experiments for an unknown name, TypeError for an unknown option.
     ``get(**exp.get_config())`` rebuilds ``exp``.
     """
-    _load_all()
-    table = registry()
-    if name not in table:
-        raise ValueError(f"unknown experiment {name!r}; known: {', '.join(sorted(table))}")
-    return table[name](**options)
+    return REGISTRY.get(name)(**options)

@@ -23,6 +23,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from aggregathor._registry import Registry
+
 __all__ = [
     "DatasetUnavailable",
     "Experiment",
@@ -36,7 +38,8 @@ __all__ = [
 Arrays = tuple[np.ndarray, np.ndarray]
 Seed = int | Sequence[int] | None
 
-_REGISTRY: dict[str, type[Experiment]] = {}
+#: The registered classes by name; the public modules of ``aggregathor.experiments`` register theirs.
+REGISTRY: Registry[type[Experiment]] = Registry("experiment", "aggregathor.experiments", ("base", "flat", "models"))
 _DATA: dict[tuple[Any, ...], tuple[Arrays, Arrays]] = {}
 _DATA_LOCK = threading.Lock()
 
@@ -57,16 +60,12 @@ class DatasetUnavailable(RuntimeError):
 
 def register(cls: type[Experiment]) -> type[Experiment]:
     """Class decorator: make ``cls`` available as ``aggregathor.experiments.get(cls.name, ...)``."""
-    name = cls.name
-    if not name or name in _REGISTRY:
-        raise ValueError(f"experiment name {name!r} is empty or already registered")
-    _REGISTRY[name] = cls
-    return cls
+    return REGISTRY.register(cls)
 
 
 def registry() -> dict[str, type[Experiment]]:
-    """A copy of the name -> class registry."""
-    return dict(_REGISTRY)
+    """A copy of the name -> class registry (what is imported so far)."""
+    return REGISTRY.table()
 
 
 @contextlib.contextmanager

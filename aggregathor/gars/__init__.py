@@ -7,28 +7,16 @@
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Sequence
 from typing import Any
 
-from aggregathor.gars.base import GAR, as_matrix, register, registry
+from aggregathor.gars.base import GAR, REGISTRY, as_matrix, register, registry
 
 __all__ = ["GAR", "as_matrix", "get", "names", "register", "registry"]
 
-_PRIVATE = {"base", "reference"}
-
-
-def _load_all() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_") and info.name not in _PRIVATE:
-            importlib.import_module(f"{__name__}.{info.name}")
-
-
 def names() -> list[str]:
-    """Names of the registered rules and wrappers, sorted."""
-    _load_all()
-    return sorted(registry())
+    """Names of the registered rules, sorted (the wrappers: :func:`aggregathor.gars.wrappers.names`)."""
+    return REGISTRY.names()
 
 
 def get(name: str, n: int, f: int, *, pre: Sequence[str | dict[str, Any]] = (), **kwargs: Any) -> GAR:
@@ -40,16 +28,13 @@ def get(name: str, n: int, f: int, *, pre: Sequence[str | dict[str, Any]] = (), 
     ValueError naming the known rules for an unknown name, and the violated bound when ``(n, f)`` is out of
     the rule's reach.
     """
-    _load_all()
-    table = registry()
-    if name not in table:
-        raise ValueError(f"unknown aggregation rule {name!r}; known: {', '.join(sorted(table))}")
+    cls = REGISTRY.get(name)
     if pre:
         # Wrappers may change (n, f) for the rule (bucketing: ceil(n/s) rows): the rule is built and its
         # bound checked for the (n', f') that reaches it.
         from aggregathor.gars.wrappers import compose
 
         return compose(name, n, f, pre, **kwargs)
-    rule = table[name](n, f, **kwargs)
+    rule = cls(n, f, **kwargs)
     rule.check()
     return rule

@@ -23,23 +23,22 @@ from typing import Any, ClassVar
 import numpy as np
 import tensorflow as tf
 
+from aggregathor._registry import Registry
+
 __all__ = ["GAR", "register", "registry", "as_matrix"]
 
-_REGISTRY: dict[str, type[GAR]] = {}
+#: The registered classes by name; the public modules of ``aggregathor.gars`` register theirs.
+REGISTRY: Registry[type[GAR]] = Registry("aggregation rule", "aggregathor.gars", ("base", "reference"))
 
 
 def register(cls: type[GAR]) -> type[GAR]:
     """Class decorator: make ``cls`` available as ``aggregathor.gars.get(cls.name, ...)``."""
-    name = cls.name
-    if not name or name in _REGISTRY:
-        raise ValueError(f"GAR name {name!r} is empty or already registered")
-    _REGISTRY[name] = cls
-    return cls
+    return REGISTRY.register(cls)
 
 
 def registry() -> dict[str, type[GAR]]:
-    """A copy of the name -> class registry."""
-    return dict(_REGISTRY)
+    """A copy of the name -> class registry (what is imported so far)."""
+    return REGISTRY.table()
 
 
 def as_matrix(grads: Any, dtype: tf.DType | None = None) -> tf.Tensor:

@@ -32,25 +32,24 @@ from typing import Any, ClassVar
 import numpy as np
 import tensorflow as tf
 
+from aggregathor._registry import Registry
 from aggregathor.gars import _distances
 from aggregathor.gars.base import GAR, registry
 
 __all__ = ["ARC", "NNM", "Bucketing", "Clipping", "Composed", "Wrapper", "compose", "names", "register_wrapper"]
 
-_WRAPPERS: dict[str, type[Wrapper]] = {}
+#: The wrappers by name (all defined in this module).
+WRAPPERS: Registry[type[Wrapper]] = Registry("pre-aggregation wrapper")
 
 
 def register_wrapper(cls: type[Wrapper]) -> type[Wrapper]:
     """Class decorator: make ``cls`` usable as ``pre=[cls.name]``."""
-    if not cls.name or cls.name in _WRAPPERS:
-        raise ValueError(f"wrapper name {cls.name!r} is empty or already registered")
-    _WRAPPERS[cls.name] = cls
-    return cls
+    return WRAPPERS.register(cls)
 
 
 def names() -> list[str]:
     """The registered wrapper names, sorted."""
-    return sorted(_WRAPPERS)
+    return WRAPPERS.names()
 
 
 class Wrapper:
@@ -375,10 +374,7 @@ def compose(name: str, n: int, f: int, pre: Sequence[str | dict[str, Any]], **kw
     n_cur, f_cur = int(n), int(f)
     for item in pre:
         wname, args = _spec(item)
-        cls = _WRAPPERS.get(wname)
-        if cls is None:
-            raise ValueError(f"unknown pre-aggregation wrapper {wname!r}; known: {', '.join(names())}")
-        w = cls(n_cur, f_cur, **args)
+        w = WRAPPERS.get(wname)(n_cur, f_cur, **args)
         w.check()
         stages.append(w)
         n_cur, f_cur = w.output_nf()
