@@ -69,10 +69,11 @@ def test_recorded_command_reproduces_the_config():
     assert again == cfg
 
 
-def _run(tmp_path: Path, parts: str, timeout: float) -> tuple[Path, subprocess.CompletedProcess]:
+def _run(tmp_path: Path, parts: str, timeout: float, extra: tuple[str, ...] | list[str] = ()
+         ) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path / "docs"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--parts", parts, "--out", str(out), "--scratch",
-                           str(tmp_path / "runs")], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                           str(tmp_path / "runs"), *extra], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                           env=os.environ | {"TF_CPP_MIN_LOG_LEVEL": "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
@@ -98,6 +99,11 @@ def test_quick_robustness_writes_markdown_figure_and_json(tmp_path):
         assert "foreign_cpu_fraction" in rec["contention"]
     acc = part["accuracy"]
     assert acc["average|reverse"] < 0.3 < acc["multi-krum|reverse"]  # even 12 steps tell them apart
+    # --reuse rebuilds the report from the recorded runs without running them again
+    before = {p.name: json.loads(p.read_text())["started"] for p in runs}
+    _, proc = _run(tmp_path, "robustness", timeout=120, extra=["--reuse"])
+    assert proc.stderr.count("recorded run reused") == 6
+    assert {p.name: json.loads(p.read_text())["started"] for p in runs} == before
 
 
 def _root_reason() -> str | None:

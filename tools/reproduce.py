@@ -98,6 +98,7 @@ class Plan:
     lossy_losses: tuple[float, ...] = (0.0, 0.05)
     lossy_direction: str = "both"
     lossy_target: float = 0.90
+    lossy_injected: bool = True  # also lossympi with the same loss injected on a clean network (a diagnostic)
     # scalability (local processes, loopback)
     scale_workers: tuple[int, ...] = (5, 8, 12)
     scale_f: int = 1
@@ -113,7 +114,7 @@ class Plan:
                    rob_rules=("average", "multi-krum", "bulyan"), rob_attacks=("none", "reverse"),
                    ovh_workers=3, ovh_f=0, ovh_rules=("average", "multi-krum"), ovh_experiments=(("digits", 30, 10),),
                    ovh_repeats=1, lossy_workers=2, lossy_f=0, lossy_rule="average", lossy_steps=30, lossy_eval_every=10,
-                   lossy_losses=(0.05,), lossy_target=0.5, scale_workers=(3, 4), scale_f=0,
+                   lossy_losses=(0.05,), lossy_target=0.5, lossy_injected=False, scale_workers=(3, 4), scale_f=0,
                    scale_rules=("average",), scale_experiment=("digits", 30, 10))
 
 
@@ -171,7 +172,13 @@ class RunSpec:
     labels: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def key(self) -> str:
-        cfg = {k: v for k, v in self.config.items() if k not in ("run_dir", "json_out")}
+        """Identifies the run: the full validated config (less its paths) and the harness."""
+        from aggregathor.config import TrainConfig
+
+        if needs_shim(self.config):
+            register_big()
+        full = TrainConfig.from_dict({**self.config, "run_dir": "-", "json_out": None}).to_dict()
+        cfg = {k: v for k, v in full.items() if k not in ("run_dir", "json_out")}
         return json.dumps([cfg, self.harness], sort_keys=True, default=str)
 
 
@@ -408,8 +415,11 @@ def _now() -> str:
 
 class Session:
     def __init__(self, plan: Plan, out: Path, scratch: Path, argv: Sequence[str], quiet_wait: float = 0.0,
-                 quiet_threshold: float = 0.15) -> None:
+                 quiet_threshold: float = 0.15, reuse: bool = False) -> None:
         self.plan = plan
+        self.reuse = reuse
+        self.part_runs: list[tuple[dict[str, Any], str]] = []  # the runs of the current part, and how they came
+        self._recorded: dict[str, dict[str, Any]] | None = None
         self.quiet_wait = quiet_wait
         self.quiet_threshold = quiet_threshold
         self.out = out
@@ -424,9 +434,17 @@ class Session:
         if key in self.cache:  # the same configuration already ran in this session (e.g. overhead's n=8)
             rec = self.cache[key]
             log(f"[{spec.part}{progress}] {spec.name}: reusing {rec['part']}/{rec['name']}")
+            self.part_runs.append((rec, "shared"))
             return rec
-        rec = execute(spec, self.scratch, self.quiet_wait, self.quiet_threshold)
+        old = self.recorded().get(key) if self.reuse else None
+        if old is not None:  # --reuse: a recorded run of the same configuration stands
+            log(f"[{spec.part}{progress}] {spec.name}: recorded run reused ({old['json']}, {old.get('started')})")
+            self.cache[key] = old
+            self.part_runs.append((old, "reused"))
+            return old
         path = self.results / spec.part / f"{spec.name}.json"
+        rec = execute(spec, self.scratch, self.quiet_wait, self.quiet_threshold)
+        self.part_runs.append((rec, "ran"))
         rec["json"] = str(path.relative_to(self.out))
         rec["command"] = cli_command(rec["config"]) if spec.harness["launcher"] != "ranks" else None
         rec["rerun"] = shlex.join(["python", "tools/reproduce.py", "--rerun", str(path.relative_to(ROOT))
@@ -448,6 +466,35 @@ class Session:
                 f"foreign CPU {_pct(rec['contention'].get('foreign_cpu_fraction'))}"
                 + ("" if waited is None else f" (waited {waited:.0f} s for a quiet machine first)"))
         return rec
+
+
+    def recorded(self) -> dict[str, dict[str, Any]]:
+        """The successful runs recorded under ``results/`` (any part), by :meth:`RunSpec.key`."""
+        if self._recorded is None:
+            self._recorded = {}
+            for path in sorted(self.results.glob("*/*.json")):
+                try:
+                    old = json.loads(path.read_text())
+                    if "error" in old or "summary" not in old:
+                        continue
+                    key = RunSpec(old["part"], old["name"], old["config"], old["harness"]).key()
+                except (ValueError, KeyError, TypeError):
+                    continue  # not a run record, or a config this checkout no longer accepts
+                self._recorded.setdefault(key, old)
+        return self._recorded
+
+    def provenance(self) -> str:
+        """How the current part's runs came about, for the block's header."""
+        runs = [r for r, _ in self.part_runs]
+        if not runs:
+            return "no runs"
+        how = [h for _, h in self.part_runs]
+        started = sorted(r.get("started", "") for r in runs)
+        cost = sum(r.get("wall_total_seconds", 0.0) for r, h in self.part_runs if h != "shared")
+        out = f"{len(runs)} runs recorded {started[0]} to {started[-1]}, {cost / 60:.1f} min of running"
+        if how.count("reused"):
+            out += f"; {how.count('reused')} of them reused from earlier sessions (`--reuse`)"
+        return out + f"; median foreign CPU {_median_pct(runs)}"
 
 
 def log(msg: str) -> None:
@@ -502,8 +549,7 @@ def part_robustness(s: Session) -> dict[str, Any]:
                  [[f"`{rule}`", *[_fmt_acc(acc[(rule, a)]) for a in p.rob_attacks]] for rule in p.rob_rules]), "",
         "![final accuracy by rule and attack](results/robustness.png)", "",
         f"Raw runs: `results/robustness/<rule>-<attack>.json` ({len(recs)} runs; each holds its "
-        f"`aggregathor train` command). Wall time of the part: {sum(r['wall_total_seconds'] for r in recs):.0f} s; "
-        f"median foreign CPU {_median_pct(recs)}.",
+        "`aggregathor train` command).",
     ]
     plot_robustness(s.results / "robustness.png", p.rob_rules, p.rob_attacks, acc, p.rob_workers)
     return {"markdown": "\n".join(lines),
@@ -554,7 +600,13 @@ def part_overhead(s: Session) -> dict[str, Any]:
                 i += 1
                 spec = throughput_spec("overhead", exp, rule, p.ovh_workers, p.ovh_f, steps, every, p.seed, rep)
                 recs.setdefault((exp, rule), []).append(s.run(spec, f" {i}/{total}"))
-    micro = {exp: rule_microbench(exp, p.ovh_workers, p.ovh_f, p.ovh_rules) for exp, _, _ in p.ovh_experiments}
+    micro: dict[str, dict[str, float]] = {}
+    for exp, _, _ in p.ovh_experiments:
+        try:
+            micro[exp] = rule_microbench(exp, p.ovh_workers, p.ovh_f, p.ovh_rules)
+        except Exception as exc:  # a diagnostic only: the table goes on without it
+            log(f"[overhead] aggregation timing of {exp} failed: {type(exc).__name__}: {exc}")
+            micro[exp] = {}
     targets = {"multi-krum": (0.19, 0.10), "bulyan": (0.43, 0.20)}
     rows, data = [], {}
     low = LOW_CONTENTION
@@ -568,6 +620,8 @@ def part_overhead(s: Session) -> dict[str, Any]:
             quiet = quiet_runs(recs[(exp, rule)], low)
             qmed = median([rate(r) for r in quiet])
             qovh = None if (qmed is None or qbase is None) else 1 - qmed / qbase
+            extra = (micro[exp].get(rule) or 0.0) - (micro[exp].get("average") or 0.0)
+            est = None if base is None or rule == "average" else extra / 1e3 / (1 / base + extra / 1e3)
             paper, target = targets.get(rule, (None, None))
             verdict = "" if ovh is None or target is None else ("✅" if ovh <= target else "❌")
             ok = [x for x in rates if x is not None]
@@ -577,9 +631,11 @@ def part_overhead(s: Session) -> dict[str, Any]:
                          "–" if paper is None else f"{_pct(paper)} / ≤ {_pct(target)}",
                          f"{_f(qmed)} ({len(quiet)})" + ("" if rule == "average" or qovh is None else
                                                          f" → {_pct(qovh, 1)}"),
-                         _f(micro[exp].get(rule), 2), lost_note(recs[(exp, rule)]), _median_pct(recs[(exp, rule)])])
+                         _f(micro[exp].get(rule), 2), "–" if est is None else _pct(est, 1),
+                         lost_note(recs[(exp, rule)]), _median_pct(recs[(exp, rule)])])
             data[f"{exp}|{rule}"] = {"rates": rates, "median": med, "overhead": ovh, "low_contention_median": qmed,
                                      "low_contention_runs": len(quiet), "low_contention_overhead": qovh,
+                                     "overhead_estimated_from_aggregation_time": est,
                                      "foreign_cpu": [r["contention"].get("foreign_cpu_fraction") for r in
                                                      recs[(exp, rule)]],
                                      "aggregation_ms": micro[exp].get(rule),
@@ -593,11 +649,15 @@ def part_overhead(s: Session) -> dict[str, Any]:
         "order rotated between repeats) of the steady-state steps/s: steps between the first and the last evaluation "
         "divided by the wall time between them, so start-up, tracing and the rule's first compilation are left out. "
         "Overhead = 1 − steps/s(rule) / steps/s(average). `aggregation ms` is the rule alone on an "
-        f"({p.ovh_workers}, d) float32 matrix in this process (median of 7 calls after warm-up). `lost chunks / "
+        f"({p.ovh_workers}, d) float32 matrix in this process (median of 7 calls after warm-up); `overhead est.` "
+        "adds the rule's extra aggregation time to average's median step time (1 / steps/s): what the rule would "
+        "cost if nothing else changed, an estimate that other processes' load disturbs far less than the "
+        "end-to-end medians. `lost chunks / "
         "gradients`: medians per run; with `--loss 0` a datagram is lost only when its receiver falls behind (a "
         "full socket buffer under CPU contention) or arrives after the step's adaptive deadline.", "",
         md_table(["experiment", "rule", "steps/s (median)", "range", "overhead vs average", "paper / target",
                   f"runs at < {_pct(low)} foreign CPU: steps/s (runs) → overhead", "aggregation ms",
+                  "overhead est. from aggregation ms",
                   "lost chunks / gradients", "foreign CPU (median)"], rows), "",
         "![steps/s by rule, and each run's steps/s against the CPU share other processes took meanwhile]"
         "(results/overhead.png)", "",
@@ -706,41 +766,55 @@ def part_lossy(s: Session) -> dict[str, Any]:
     if why:
         log(f"[lossy] skipped: {why}")
         return {"markdown": f"Not run: {why}", "data": {"skipped": why}}
+    # (label, transport, network loss, lossympi's injected loss)
+    variants = [(t, t, loss, 0.0) for loss in p.lossy_losses for t in p.lossy_transports]
+    worst = max(p.lossy_losses)
+    if p.lossy_injected and worst > 0 and "lossympi" in p.lossy_transports:
+        # diagnostic: the same datagram loss on lossympi's data path only (its fault injector drops a fraction of
+        # the datagrams every rank sends), over a clean network: the TCP control channel loses nothing
+        variants.append((INJECTED, "lossympi", 0.0, worst))
     specs = []
-    for loss in p.lossy_losses:
-        for transport in p.lossy_transports:
-            cfg = {"experiment": "digits", "gar": p.lossy_rule, "workers": p.lossy_workers, "f": p.lossy_f,
-                   "byzantine": 0, "steps": p.lossy_steps, "eval_every": p.lossy_eval_every, "checkpoint_every": 0,
-                   "loss": 0.0, "transport": transport, "seed": p.seed, "launcher": "local"}
-            netem = {"hosts": p.lossy_workers + 1, "host": 0, "loss": loss, "direction": p.lossy_direction}
-            specs.append(RunSpec("lossy", f"{transport}-loss{round(100 * loss)}", cfg,
-                                 {"launcher": "ranks", "netem": netem}, {"transport": transport, "loss": loss}))
+    for label, transport, loss, injected in variants:
+        cfg = {"experiment": "digits", "gar": p.lossy_rule, "workers": p.lossy_workers, "f": p.lossy_f,
+               "byzantine": 0, "steps": p.lossy_steps, "eval_every": p.lossy_eval_every, "checkpoint_every": 0,
+               "loss": injected, "transport": transport, "seed": p.seed, "launcher": "local"}
+        netem = {"hosts": p.lossy_workers + 1, "host": 0, "loss": loss, "direction": p.lossy_direction}
+        name = f"{transport}-loss{round(100 * loss)}" + (f"-injected{round(100 * injected)}" if injected else "")
+        specs.append(RunSpec("lossy", name, cfg, {"launcher": "ranks", "netem": netem},
+                             {"transport": label, "loss": max(loss, injected), "network_loss": loss,
+                              "injected_loss": injected}))
     try:
         recs = [s.run(spec, f" {i + 1}/{len(specs)}") for i, spec in enumerate(specs)]
     finally:
         _NETEM.close()
     by = {(r["labels"]["transport"], r["labels"]["loss"]): r for r in recs}
     rows, data = [], {}
-    for transport in p.lossy_transports:
+    labels = [*p.lossy_transports, *([INJECTED] if any(v[0] == INJECTED for v in variants) else [])]
+    for label in labels:
         for loss in p.lossy_losses:
-            r = by[(transport, loss)]
-            clean = by.get((transport, 0.0))
+            r = by.get((label, loss))
+            if r is None:
+                continue
+            clean = by.get((label if label != INJECTED else "lossympi", 0.0))
+            where = "injected" if r["labels"]["injected_loss"] else "network"
             if "error" in r:
-                rows.append([f"`{transport}`", _pct(loss), "error", *["–"] * 6])
-                data[f"{transport}|{loss}"] = {"error": r["error"], "json": r["json"]}
+                rows.append([f"`{label}`", f"{_pct(loss)} {where}", "error", *["–"] * 6])
+                data[f"{label}|{loss}"] = {"error": r["error"], "json": r["json"]}
                 continue
             sm = r["summary"]
             tta = time_to_accuracy(sm["history"], p.lossy_target)
             delta = (None if loss == 0 or clean is None or "error" in clean
                      else sm["accuracy"] - clean["summary"]["accuracy"])
-            rows.append([f"`{transport}`", _pct(loss), f"{sm['accuracy']:.3f}",
+            rows.append([f"`{label}`", f"{_pct(loss)}" + (f" {where}" if loss else ""), f"{sm['accuracy']:.3f}",
                          "–" if delta is None else f"{100 * delta:+.1f} pt", _f(tta, 1), f"{sm['wall_seconds']:.1f}",
                          _f(sm["steps_per_second"], 1),  # the whole run: what a user waits for
                          f"{_pct(sm['lost_chunk_fraction'], 2)} / {sm['lost_gradients']}",
                          _pct(r["contention"].get("foreign_cpu_fraction"))])
-            data[f"{transport}|{loss}"] = {"accuracy": sm["accuracy"], "delta_vs_no_loss": delta,
-                                           "time_to_target": tta, "wall_seconds": sm["wall_seconds"],
-                                           "steps_per_second": sm["steps_per_second"], "json": r["json"]}
+            data[f"{label}|{loss}"] = {"accuracy": sm["accuracy"], "delta_vs_no_loss": delta,
+                                       "time_to_target": tta, "wall_seconds": sm["wall_seconds"],
+                                       "steps_per_second": sm["steps_per_second"],
+                                       "lost_chunk_fraction": sm["lost_chunk_fraction"],
+                                       "lost_gradients": sm["lost_gradients"], "json": r["json"]}
     cluster = next((r.get("netem_cluster") for r in recs if r.get("netem_cluster")), None)
     backend = (cluster or {}).get("hosts", [{}])[0].get("applied", {}).get("loss", "nftables")
     lines = [
@@ -755,16 +829,22 @@ def part_lossy(s: Session) -> dict[str, Any]:
         f"`--gar {p.lossy_rule} --f {p.lossy_f}`, no Byzantine worker, {p.lossy_steps} steps, evaluation every "
         f"{p.lossy_eval_every} steps, seed {p.seed}, the default 2 s deadline cap and `--fill zero`. "
         f"`time to {p.lossy_target:.2f}`: wall time from the first step to the first evaluation at or above "
-        f"{p.lossy_target:.2f} accuracy. `lost`: lossympi's lost gradient chunks / whole gradients that missed the "
-        "deadline (TCP and gRPC lose no chunk: a gradient arrives whole or misses the deadline).", "",
+        f"{p.lossy_target:.2f} accuracy. `lost`: lost gradient chunks / whole gradients that missed the deadline "
+        "(for TCP and gRPC a gradient is one chunk: it arrives whole or misses the deadline)."
+        + (f" Diagnostic row `{INJECTED}`: the network is clean and lossympi's own fault injector (`--loss "
+           f"{worst}`) drops {_pct(worst)} of the datagrams every rank sends, i.e. the same loss on the data path "
+           "only, with a loss-free control channel." if INJECTED in labels else ""), "",
         md_table(["transport", "loss", "final accuracy", "vs no loss", f"time to {p.lossy_target:.2f} (s)",
                   "training wall (s)", "steps/s (whole run)", "lost chunks / gradients", "foreign CPU"], rows), "",
         "![accuracy against wall time](results/lossy.png)", "",
         "Raw runs: `results/lossy/<transport>-loss<percent>.json` (with the cluster's description); rerun one with "
         "`python tools/reproduce.py --rerun docs/results/lossy/<file>.json` (root).",
     ]
-    plot_lossy(s.results / "lossy.png", p.lossy_transports, p.lossy_losses, by, p.lossy_target)
+    plot_lossy(s.results / "lossy.png", labels, p.lossy_losses, by, p.lossy_target)
     return {"markdown": "\n".join(lines), "data": data}
+
+
+INJECTED = "lossympi (injected)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -883,13 +963,15 @@ def plot_bars(path: Path, exps: Sequence[tuple[str, int, int]], rules: Sequence[
     colors = ["#888", "#2a7", "#27c", "#c72"]
     fig, axes = plt.subplots(2, len(exps), figsize=(4.2 * len(exps), 6.4), squeeze=False)
     for ax, (exp, _, _) in zip(axes[1], exps, strict=True):
+        xmax = 10.0
         for c, rule in zip(colors, rules, strict=False):
             pts = [(r["contention"].get("foreign_cpu_fraction"), rate(r)) for r in recs[(exp, rule)]]
             pts = [(100 * x, y) for x, y in pts if x is not None and y is not None]
             ax.scatter([x for x, _ in pts], [y for _, y in pts], color=c, label=rule, s=22)
+            xmax = max([xmax, *(1.1 * x for x, _ in pts)])
         ax.set_xlabel("CPU used by other processes during the run (%)")
         ax.set_ylabel("steps/s")
-        ax.set_xlim(left=0)
+        ax.set_xlim(0, xmax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for ax, (exp, _, _) in zip(axes[0], exps, strict=True):
@@ -912,7 +994,7 @@ def plot_bars(path: Path, exps: Sequence[tuple[str, int, int]], rules: Sequence[
 def plot_lossy(path: Path, transports: Sequence[str], losses: Sequence[float], by: dict, target: float) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    colors = {"lossympi": "#2a7", "tcp": "#27c", "grpc": "#c72", "mpi": "#888"}
+    colors = {"lossympi": "#2a7", "tcp": "#27c", "grpc": "#c72", "mpi": "#888", INJECTED: "#7a2"}
     for t in transports:
         for loss in losses:
             r = by.get((t, loss))
@@ -920,9 +1002,10 @@ def plot_lossy(path: Path, transports: Sequence[str], losses: Sequence[float], b
                 continue
             h = r["summary"]["history"]
             ax.plot([x["wall"] for x in h], [x["accuracy"] for x in h], marker="o", ms=2.5, color=colors.get(t),
-                    ls="-" if loss else "--", label=f"{t}, loss {_pct(loss)}")
+                    ls=":" if t == INJECTED else "-" if loss else "--", label=f"{t}, loss {_pct(loss)}")
     ax.axhline(target, color="k", lw=0.6, ls=":")
-    ax.set_xlabel("training wall time (s)")
+    ax.set_xscale("log")
+    ax.set_xlabel("training wall time (s, log scale)")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
@@ -979,20 +1062,28 @@ def quiet_tensorflow() -> None:
 
 
 def run_parts(plan: Plan, parts: Sequence[str], out: Path, scratch: Path, argv: Sequence[str],
-              quiet_wait: float = 0.0, quiet_threshold: float = 0.15) -> dict[str, Any]:
+              quiet_wait: float = 0.0, quiet_threshold: float = 0.15, reuse: bool = False) -> dict[str, Any]:
     quiet_tensorflow()
-    s = Session(plan, out, scratch, argv, quiet_wait, quiet_threshold)
+    s = Session(plan, out, scratch, argv, quiet_wait, quiet_threshold, reuse)
     s.results.mkdir(parents=True, exist_ok=True)
     blocks, summary = {}, {}
     for part in parts:
         t0 = time.monotonic()
+        s.part_runs = []
         log(f"part {part}{' (quick)' if plan.quick else ''} ...")
-        res = PART_FUNCS[part](s)
+        try:
+            res = PART_FUNCS[part](s)
+        except Exception as exc:  # the other parts still run; the recorded runs stay (--reuse picks them up)
+            import traceback
+
+            log(f"part {part} FAILED: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+            res = {"markdown": f"The part failed: `{type(exc).__name__}: {exc}`", "data": {"error": str(exc)}}
         took = time.monotonic() - t0
-        head = (f"Command: `{s.command}` ({'quick' if plan.quick else 'full'} size; this part took {took / 60:.1f} "
-                f"min, finished {_now()}). {machine_line(s.host)}")
+        head = (f"Command: `{s.command}` ({'quick' if plan.quick else 'full'} size; {s.provenance()}; written "
+                f"{_now()}). {machine_line(s.host)}")
         blocks[part] = head + "\n\n" + res["markdown"]
         summary[part] = {"command": s.command, "minutes": round(took / 60, 2), "finished": _now(), "host": s.host,
+                         "provenance": s.provenance(),
                          "plan": dataclasses.asdict(plan), **res["data"]}
         (s.results / f"{part}.json").write_text(json.dumps(summary[part], indent=1, default=str) + "\n")
         update_markdown(out / "results.md", {part: blocks[part]})
@@ -1033,8 +1124,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet-wait", type=float, default=None, metavar="SECONDS",
                     help="before each timed run, wait up to this long for other processes to use < "
-                         "--quiet-threshold of the CPUs (default 45 s, 0 with --quick)")
+                         "--quiet-threshold of the CPUs (default 30 s, 0 with --quick)")
     ap.add_argument("--quiet-threshold", type=float, default=0.15)
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse the recorded runs under OUT/results whose configuration matches (rebuild the tables "
+                         "and figures, run only what is missing or failed)")
     ap.add_argument("--rerun", type=Path, metavar="RUN_JSON", help="rerun one recorded run and print its summary")
     args = ap.parse_args(argv)
     scratch = (args.scratch or ROOT / "out" / "reproduce-runs").resolve()
@@ -1046,8 +1140,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown part(s) {', '.join(bad)}; known: {', '.join(PARTS)}")
     out = (args.out or (ROOT / "out" / "reproduce-quick" if args.quick else ROOT / "docs")).resolve()
     t0 = time.monotonic()
-    wait = args.quiet_wait if args.quiet_wait is not None else (0.0 if args.quick else 45.0)
-    run_parts(Plan.make(args.quick, args.seed), parts, out, scratch, argv, wait, args.quiet_threshold)
+    wait = args.quiet_wait if args.quiet_wait is not None else (0.0 if args.quick else 30.0)
+    run_parts(Plan.make(args.quick, args.seed), parts, out, scratch, argv, wait, args.quiet_threshold, args.reuse)
     log(f"all done in {(time.monotonic() - t0) / 60:.1f} min: {out / 'results.md'}")
     return 0
 
