@@ -114,6 +114,19 @@ class _Async:
         """Check the fill policy a receive will use (``fill`` or the endpoint's) before anything is sent."""
         check_policy(self.c.endpoint.fill if fill is None else fill, dtype)
 
+    def _tag(self, tag: int | None) -> int:
+        """``tag`` (an explicit message tag, e.g. a training step), or the communicator's next sequence number.
+
+        Every rank of a collective must use the same tag, and tags must increase per ``(peer, tensor_id)``
+        (docs/protocol.md). Explicit tags let ranks that skip a collective (a late worker, a restarted one) stay
+        in step: the sequence numbers line up only while every rank calls every collective.
+        """
+        if tag is None:
+            return self.c._next()
+        if isinstance(tag, bool) or not isinstance(tag, int | np.integer) or not 0 <= tag < 2**63:
+            raise ValueError(f"tag {tag!r} must be an integer in [0, 2**63)")
+        return int(tag)
+
     def _root(self, root: int) -> int:
         if isinstance(root, bool) or not isinstance(root, int | np.integer) or not 0 <= root < self.c.size:
             raise ValueError(f"root {root!r} is not a rank in [0, {self.c.size})")
@@ -151,7 +164,7 @@ class _Async:
     # ------------------------------------------------------------------ collectives
     async def Gather(self, sendbuf: np.ndarray, recvbuf: np.ndarray | None = None, root: int = 0, *,
                      deadline: float | None = None, timeout: float | None = None, fill: FillPolicy | None = None,
-                     tensor_id: int = 0) -> CollectiveResult:
+                     tensor_id: int = 0, tag: int | None = None) -> CollectiveResult:
         """Gather ``sendbuf`` of every rank into ``recvbuf[rank]`` at ``root`` (lossy).
 
         ``recvbuf`` (root only) has shape ``(size, *sendbuf.shape)``; rows arrive in place.
@@ -164,7 +177,7 @@ class _Async:
             self._fill(fill, sendbuf.dtype)
         end = self._deadline(deadline, timeout)
         tid = c._tid(tensor_id)
-        tag = c._next()
+        tag = self._tag(tag)
         t0 = time.monotonic()
         res = CollectiveResult()
         if c.rank == root:
@@ -178,7 +191,7 @@ class _Async:
 
     async def Bcast(self, buf: np.ndarray, root: int = 0, *, deadline: float | None = None,
                     timeout: float | None = None, fill: FillPolicy | None = None,
-                    tensor_id: int = 0) -> CollectiveResult:
+                    tensor_id: int = 0, tag: int | None = None) -> CollectiveResult:
         """Send ``buf`` of ``root`` into ``buf`` of every other rank (lossy)."""
         c = self.c
         root = self._root(root)
@@ -187,7 +200,7 @@ class _Async:
             self._fill(fill, buf.dtype)
         end = self._deadline(deadline, timeout)
         tid = c._tid(tensor_id)
-        tag = c._next()
+        tag = self._tag(tag)
         t0 = time.monotonic()
         res = CollectiveResult()
         if c.rank == root:
@@ -200,7 +213,7 @@ class _Async:
 
     async def Scatter(self, sendbuf: np.ndarray | None, recvbuf: np.ndarray, root: int = 0, *,
                       deadline: float | None = None, timeout: float | None = None, fill: FillPolicy | None = None,
-                      tensor_id: int = 0) -> CollectiveResult:
+                      tensor_id: int = 0, tag: int | None = None) -> CollectiveResult:
         """Send row ``r`` of ``sendbuf`` (root only, shape ``(size, *recvbuf.shape)``) to rank ``r``."""
         c = self.c
         root = self._root(root)
@@ -215,7 +228,7 @@ class _Async:
             self._fill(fill, recvbuf.dtype)
         end = self._deadline(deadline, timeout)
         tid = c._tid(tensor_id)
-        tag = c._next()
+        tag = self._tag(tag)
         t0 = time.monotonic()
         res = CollectiveResult()
         if c.rank == root:
@@ -231,7 +244,7 @@ class _Async:
 
     async def Allgather(self, sendbuf: np.ndarray, recvbuf: np.ndarray, *, deadline: float | None = None,
                         timeout: float | None = None, fill: FillPolicy | None = None,
-                        tensor_id: int = 0) -> CollectiveResult:
+                        tensor_id: int = 0, tag: int | None = None) -> CollectiveResult:
         """Every rank gets every rank's ``sendbuf`` in ``recvbuf[rank]`` (lossy)."""
         c = self.c
         sendbuf = _contiguous(sendbuf, "sendbuf")
@@ -239,7 +252,7 @@ class _Async:
         self._fill(fill, sendbuf.dtype)
         end = self._deadline(deadline, timeout)
         tid = c._tid(tensor_id)
-        tag = c._next()
+        tag = self._tag(tag)
         t0 = time.monotonic()
         recvbuf[c.rank] = sendbuf
         others = self._others()

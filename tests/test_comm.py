@@ -621,3 +621,28 @@ def test_comm_rejects_mismatched_endpoint_and_control():
     with local_comms(2) as a, local_comms(3) as b:
         with pytest.raises(ValueError, match="disagree"):
             Comm(a[0].endpoint, b[1].control)
+
+
+def test_explicit_tags_keep_ranks_in_step_when_one_skips_a_collective() -> None:
+    """With ``tag=`` (a training step), a rank that misses step 1 still meets the others at step 2; with the
+    sequence numbers it would be one message behind for good."""
+    with local_comms(3) as comms:
+        x = [np.full(2000, r, np.float32) for r in range(3)]
+        rows = np.zeros((3, 2000), np.float32)
+
+        async def step(tag: int, ranks: Sequence[int]) -> CollectiveResult:
+            root = comms[0].aio.Gather(x[0], rows, 0, timeout=0.4, fill="nan", tensor_id=5, tag=tag)
+            others = [comms[r].aio.Gather(x[r], None, 0, timeout=0.4, tensor_id=5, tag=tag) for r in ranks]
+            return (await asyncio.gather(root, *others))[0]
+
+        async def main() -> None:
+            for tag, ranks, got2 in ((0, (1, 2), True), (1, (1,), False), (2, (1, 2), True)):
+                rows[:] = -1
+                res = await step(tag, ranks)
+                assert res.results[1].delivered == 1.0 and np.all(rows[1] == 1)
+                assert (res.results[2].delivered == 1.0) is got2
+                assert np.all(rows[2] == 2) if got2 else np.all(np.isnan(rows[2]))
+
+        run(main())
+        with pytest.raises(ValueError, match="tag"):
+            run(comms[0].aio.Bcast(x[0], 0, timeout=0.1, tag=-1))
