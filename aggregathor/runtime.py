@@ -162,6 +162,7 @@ async def run_server(cfg: TrainConfig, transport: StepTransport, *, progress: bo
         for step in range(start, cfg.steps):
             t_step = time.monotonic()
             await transport.control({"step": step})
+            t_params = time.monotonic()
             theta[...] = flat.get()
             await transport.params(theta, timeout=cfg.deadline)
             step_deadline = deadline.next()
@@ -185,7 +186,8 @@ async def run_server(cfg: TrainConfig, transport: StepTransport, *, progress: bo
                 step_log.write(json.dumps({
                     "step": step, "wall": round(now - t0, 4), "seconds": round(now - t_step, 5),
                     "deadline": round(step_deadline, 5), "gather_seconds": round(t_gathered - t_gather, 5),
-                    "lost_chunks": report.lost_chunks, "chunks": report.chunks,
+                    "control_seconds": round(t_params - t_step, 5), "params_seconds": round(t_gather - t_params, 5),
+                    "lost_chunks": int(report.lost_chunks), "chunks": int(report.chunks),  # numpy ints
                     "lost_gradients": int(np.sum(report.delivered == 0))}) + "\n")
                 if now - flushed >= 1.0:
                     step_log.flush()
