@@ -1,11 +1,17 @@
 """Starting a training run: local processes, MPI, or an in-process simulation.
 
 - ``local`` (default): this process starts the server and the workers as ``1 + n`` processes on loopback;
-  they meet through lossympi's env:// rendezvous with a fresh random secret.
+  they meet through lossympi's env:// rendezvous with a fresh random secret (:class:`LocalJob`).
 - ``mpi``: every process of ``mpiexec -n N+1 aggregathor train --launcher mpi ...`` is one rank; lossympi
   bootstraps (addresses and X25519 keys) over MPI, then the step traffic flows over lossympi.
 - ``simulate``: one process computes every worker's gradient in turn and emulates the transport's losses
   with lossympi's fault injector (same chunking and fill as the wire), for fast research sweeps.
+
+Crash faults (lossympi transport): a worker that dies is missing, its gradient lost, and training goes on; the
+same worker restarted with the same command and environment (:meth:`LocalJob.start`) rejoins through the
+rendezvous that rank 0 keeps open (:class:`lossympi.bootstrap.RejoinService`) and takes part from the next step.
+When the server dies, the workers exit with status :data:`EXIT_SERVER_GONE`; running the same job again with the
+same ``--run-dir`` resumes from the last checkpoint (:mod:`aggregathor.checkpoint`), losing only the steps since.
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ from pathlib import Path
 from aggregathor.config import TrainConfig
 from aggregathor.runtime import RunSummary
 
-__all__ = ["launch", "run_rank"]
+__all__ = ["EXIT_SERVER_GONE", "LocalJob", "launch", "run_rank"]
+
+#: Exit status of a worker whose server closed the control channel (it exited or crashed).
+EXIT_SERVER_GONE = 3
 
 
 def _free_port() -> int:
@@ -43,48 +52,108 @@ def launch(cfg: TrainConfig, *, progress: bool = True) -> RunSummary | None:
     return _launch_local(cfg, progress=progress)
 
 
-def _launch_local(cfg: TrainConfig, *, progress: bool) -> RunSummary:
-    size = cfg.workers + 1
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    summary_path = Path(cfg.json_out) if cfg.json_out else run_dir / "summary.json"
-    cfg_rank = TrainConfig.from_dict({**cfg.to_dict(), "json_out": str(summary_path), "launcher": "local"})
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOSSYMPI_", "PMI", "OMPI_"))}
-    env.update(LOSSYMPI_WORLD_SIZE=str(size), LOSSYMPI_RENDEZVOUS=f"127.0.0.1:{_free_port()}",
-               LOSSYMPI_SECRET=secrets.token_hex(16), TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1",
-               TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1")
-    config_json = json.dumps(cfg_rank.to_dict())
-    procs: list[subprocess.Popen] = []
-    logs = run_dir / "logs"
-    logs.mkdir(exist_ok=True)
-    try:
-        for rank in range(size):
-            out = None if (rank == 0 and progress) else (logs / f"rank{rank}.log").open("w")
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "aggregathor._rank", config_json, "" if progress else "--quiet"],
-                env=env | {"LOSSYMPI_RANK": str(rank), "TF_NUM_INTRAOP_THREADS": "2" if rank == 0 else "1"},
-                stdout=out, stderr=subprocess.STDOUT if out else None))
-        rc = procs[0].wait()
-        deadline = time.monotonic() + 30
-        for p in procs[1:]:
+class LocalJob:
+    """The ``1 + n`` processes of a local run on loopback, each ``python -m aggregathor._rank CONFIG``.
+
+    Every rank gets the same ``env://`` settings (a fresh random ``LOSSYMPI_SECRET`` and rendezvous port) and its
+    own ``LOSSYMPI_RANK``; :meth:`start` (re)starts one rank with exactly that command and environment, which is
+    how a crashed worker is restarted: it rejoins the running server through the rendezvous. Rank ``r`` writes
+    to ``<run_dir>/logs/rank<r>.log`` (appended to on a restart), except rank 0 with ``progress``.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        The run.
+    progress : bool
+        Rank 0 draws its progress bar on this process's terminal.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, progress: bool = False) -> None:
+        self.size = cfg.workers + 1
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.summary_path = Path(cfg.json_out) if cfg.json_out else self.run_dir / "summary.json"
+        cfg_rank = TrainConfig.from_dict({**cfg.to_dict(), "json_out": str(self.summary_path), "launcher": "local"})
+        self.config_json = json.dumps(cfg_rank.to_dict())
+        self.progress = progress
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LOSSYMPI_", "PMI", "OMPI_"))}
+        env.update(LOSSYMPI_WORLD_SIZE=str(self.size), LOSSYMPI_RENDEZVOUS=f"127.0.0.1:{_free_port()}",
+                   LOSSYMPI_SECRET=secrets.token_hex(16), TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1",
+                   TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1")
+        self.env = env
+        self.logs = self.run_dir / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.procs: dict[int, subprocess.Popen] = {}
+        self._started: set[int] = set()
+
+    def command(self) -> list[str]:
+        """The command line of every rank."""
+        return [sys.executable, "-m", "aggregathor._rank", self.config_json, "" if self.progress else "--quiet"]
+
+    def rank_env(self, rank: int) -> dict[str, str]:
+        """The environment of ``rank``."""
+        return self.env | {"LOSSYMPI_RANK": str(rank), "TF_NUM_INTRAOP_THREADS": "2" if rank == 0 else "1"}
+
+    def start(self, rank: int) -> subprocess.Popen:
+        """Start (or restart) ``rank``; a rank still running is refused (kill it first)."""
+        old = self.procs.get(rank)
+        if old is not None and old.poll() is None:
+            raise RuntimeError(f"rank {rank} is still running (pid {old.pid}); kill it before restarting it")
+        out = None
+        if not (rank == 0 and self.progress):
+            out = (self.logs / f"rank{rank}.log").open("a" if rank in self._started else "w")
+        try:
+            proc = subprocess.Popen(self.command(), env=self.rank_env(rank), stdout=out,
+                                    stderr=subprocess.STDOUT if out else None, stdin=subprocess.DEVNULL)
+        finally:
+            if out is not None:
+                out.close()  # the child holds its own descriptor
+        self._started.add(rank)
+        self.procs[rank] = proc
+        return proc
+
+    def start_all(self) -> None:
+        for rank in range(self.size):
+            self.start(rank)
+
+    def wait(self, grace: float = 30.0) -> RunSummary:
+        """Wait for the server, give the workers ``grace`` seconds to stop, return the server's summary."""
+        rc = self.procs[0].wait()
+        deadline = time.monotonic() + grace
+        for rank in range(1, self.size):
+            p = self.procs.get(rank)
+            if p is None:
+                continue
             try:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
         if rc != 0:
-            raise RuntimeError(f"the parameter server exited with status {rc}; see {logs}")
-    finally:
-        for p in procs:
+            raise RuntimeError(f"the parameter server exited with status {rc}; see {self.logs}")
+        return RunSummary(**json.loads(self.summary_path.read_text()))
+
+    def close(self) -> None:
+        """Kill whatever still runs."""
+        for p in self.procs.values():
             if p.poll() is None:
                 p.kill()
-    data = json.loads(summary_path.read_text())
-    return RunSummary(**data)
+                p.wait()
+
+
+def _launch_local(cfg: TrainConfig, *, progress: bool) -> RunSummary:
+    job = LocalJob(cfg, progress=progress)
+    try:
+        job.start_all()
+        return job.wait()
+    finally:
+        job.close()
 
 
 def run_rank(cfg: TrainConfig, *, method: str = "env", progress: bool = True) -> RunSummary | None:
     """Run one rank: bootstrap lossympi, then the server's loop on rank 0 or a worker's elsewhere."""
     from aggregathor.runtime import configure_logging, run_server, run_worker
-    from aggregathor.transport import LossympiTransport
+    from aggregathor.transport import LossympiTransport, ServerGone
     from lossympi.bootstrap import from_env, from_mpi
     from lossympi.comm import Comm
     from lossympi.endpoint import new_event_loop
@@ -94,7 +163,8 @@ def run_rank(cfg: TrainConfig, *, method: str = "env", progress: bool = True) ->
     if cfg.transport == "mpi" and method != "mpi":
         raise SystemExit("--transport mpi needs ranks started by mpiexec: run "
                          "'mpiexec -n N+1 python -m aggregathor train --launcher mpi --transport mpi ...'")
-    world = from_mpi() if method == "mpi" else from_env()
+    # rank 0 keeps the rendezvous open, so that a restarted worker can rejoin (lossympi transport)
+    world = from_mpi() if method == "mpi" else from_env(rejoin=cfg.transport == "lossympi")
     if world.size != cfg.workers + 1:
         raise SystemExit(f"the world has {world.size} ranks but --workers {cfg.workers} needs {cfg.workers + 1}")
     from aggregathor import gars
@@ -106,7 +176,8 @@ def run_rank(cfg: TrainConfig, *, method: str = "env", progress: bool = True) ->
         comm.control.max_bytes = max(comm.control.max_bytes, 64 << 20)
         if cfg.loss:
             comm.endpoint.faults = FaultInjector(FaultSpec(drop=cfg.loss), seed=cfg.seed * 7919 + world.rank)
-        transport = LossympiTransport(comm, params_mode=cfg.params, fill=cfg.fill, lost_row_fill=lost_row_fill)
+        transport = LossympiTransport(comm, params_mode=cfg.params, fill=cfg.fill, lost_row_fill=lost_row_fill,
+                                      elastic=True, ready_timeout=cfg.deadline)
     else:  # the reliable baselines (aggregathor.transports): tcp, grpc, mpi
         from aggregathor.transports import build_transport
 
@@ -114,8 +185,15 @@ def run_rank(cfg: TrainConfig, *, method: str = "env", progress: bool = True) ->
     loop = new_event_loop()
     try:
         if world.rank == 0:
+            if world.rendezvous is not None and isinstance(transport, LossympiTransport):
+                transport.enable_rejoin(world.rendezvous, loop)
             return loop.run_until_complete(run_server(cfg, transport, progress=progress))
-        loop.run_until_complete(run_worker(cfg, transport))
+        try:
+            loop.run_until_complete(run_worker(cfg, transport))
+        except ServerGone as exc:
+            print(f"aggregathor worker {world.rank}: {exc}. This worker stops (exit status {EXIT_SERVER_GONE}); "
+                  "restart the whole job to resume from the last checkpoint.", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_SERVER_GONE) from None
         return None
     finally:
         transport.close()

@@ -10,6 +10,15 @@ Each synchronous step:
 
 The server only ever reads numbers from the workers: fixed-size float32 vectors, checked by the transport
 (size, dtype, step tag) before a byte is written. It runs no code that came over the network.
+
+Crash faults (lossympi transport, elastic control channel; see :mod:`aggregathor.launch`): the server never waits
+for a worker outside the gather's deadline. A worker whose control link died (EOF, reset, timeout, bad frame) is
+*missing*: it gets no step message and its gradient row is lost (filled like a row that missed the deadline).
+The number of missing workers is logged per step (``steps.jsonl``, ``missing_workers``), in each evaluation row
+and, summed over the steps, in the summary, with the refused control/rendezvous connections and the rejoins. A
+restarted worker rejoins and takes part from the next step on. Checkpoints are atomic
+(:class:`aggregathor.checkpoint.AtomicCheckpoints`): a server restarted on the same run directory resumes from the
+newest intact one (``resumed_from`` in the summary); the summary itself is written atomically.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from aggregathor import attacks, experiments, gars
+from aggregathor.checkpoint import AtomicCheckpoints, atomic_write_text
 from aggregathor.config import TrainConfig
 from aggregathor.transport import GatherReport, StepTransport
 
@@ -98,6 +108,15 @@ class RunSummary:
     rejected_datagrams: int
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    # crash faults (see the module notes)
+    resumed_from: int = 0  # the step this server started at: that of the checkpoint it restored, else 0
+    checkpoints_skipped: list[list[Any]] = field(default_factory=list)  # [step, why] of unusable checkpoints
+    missing_workers: int = 0  # worker-steps without a live worker (summed over the steps of this server)
+    max_missing_workers: int = 0
+    rejoins: int = 0  # workers that reconnected after their link died
+    control_rejects: dict[str, int] = field(default_factory=dict)  # refused control connections by reason
+    control_link_failures: dict[str, int] = field(default_factory=dict)  # lost worker links by reason
+    rendezvous_rejects: dict[str, int] = field(default_factory=dict)  # refused rendezvous connections by reason
 
 
 class _Flat:
@@ -137,12 +156,19 @@ async def run_server(cfg: TrainConfig, transport: StepTransport, *, progress: bo
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
     step_var = tf.Variable(0, dtype=tf.int64, name="step")
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
-    manager = tf.train.CheckpointManager(ckpt, str(run_dir / "checkpoints"), max_to_keep=3)
-    if manager.latest_checkpoint:
-        ckpt.restore(manager.latest_checkpoint)
-        log.info("resumed from %s at step %d", manager.latest_checkpoint, int(step_var.numpy()))
+    checkpoints = AtomicCheckpoints(run_dir / "checkpoints", keep=3)
+    restored = checkpoints.restore(lambda prefix: ckpt.read(prefix).assert_existing_objects_matched())
+    if restored is not None:
+        if int(step_var.numpy()) != restored:
+            raise RuntimeError(f"checkpoint {checkpoints.path(restored)} holds step {int(step_var.numpy())}, "
+                               f"its name says {restored}: the checkpoint directory is inconsistent")
+        log.warning("resumed from %s at step %d", checkpoints.path(restored), restored)
     start = int(step_var.numpy())
+    start = int(step_var.numpy())
+    saved = start if restored is not None else -1
     writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
+    for name in ("eval.jsonl", "steps.jsonl"):
+        _end_torn_line(run_dir / name)  # a server killed mid-write left half a row: this run starts a new one
     evals = (run_dir / "eval.jsonl").open("a")
     # one JSON row per step (tools/soak.py reads it): buffered, flushed about every second and at each eval
     step_log = (run_dir / "steps.jsonl").open("a", buffering=1 << 16) if cfg.step_log else None
@@ -158,10 +184,15 @@ async def run_server(cfg: TrainConfig, transport: StepTransport, *, progress: bo
     await transport.control({"ready": True})  # every worker has traced its functions: steps start together
     t0 = time.monotonic()
     last_eval: dict[str, Any] = {}
+    missing_workers = getattr(transport, "missing_workers", lambda: [])  # elastic transports (crash faults)
+    missing_total = missing_max = 0
     try:
         for step in range(start, cfg.steps):
             t_step = time.monotonic()
             await transport.control({"step": step})
+            missing = len(missing_workers())  # workers with no live control link: their gradients are lost
+            missing_total += missing
+            missing_max = max(missing_max, missing)
             t_params = time.monotonic()
             theta[...] = flat.get()
             await transport.params(theta, timeout=cfg.deadline)
@@ -188,7 +219,7 @@ async def run_server(cfg: TrainConfig, transport: StepTransport, *, progress: bo
                     "deadline": round(step_deadline, 5), "gather_seconds": round(t_gathered - t_gather, 5),
                     "control_seconds": round(t_params - t_step, 5), "params_seconds": round(t_gather - t_params, 5),
                     "lost_chunks": int(report.lost_chunks), "chunks": int(report.chunks),  # numpy ints
-                    "lost_gradients": int(np.sum(report.delivered == 0))}) + "\n")
+                    "lost_gradients": int(np.sum(report.delivered == 0)), "missing_workers": missing}) + "\n")
                 if now - flushed >= 1.0:
                     step_log.flush()
                     flushed = now
@@ -196,13 +227,16 @@ async def run_server(cfg: TrainConfig, transport: StepTransport, *, progress: bo
                 bar.update(1)
                 bar.set_postfix(lost=f"{100 * lost_chunks / max(1, chunks):.2f}%", acc=last_eval.get("accuracy", "-"))
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                last_eval = _evaluate(exp, model, step + 1, t0, lost_chunks, chunks, lost_grads, writer, evals)
+                last_eval = _evaluate(exp, model, step + 1, t0, lost_chunks, chunks, lost_grads, writer, evals,
+                                      missing=missing)
                 history.append(last_eval)
                 if step_log is not None:
                     step_log.flush()
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                manager.save(checkpoint_number=step + 1)
-        manager.save(checkpoint_number=cfg.steps)
+                checkpoints.save(step + 1, ckpt.write)
+                saved = step + 1
+        if saved != cfg.steps:
+            checkpoints.save(cfg.steps, ckpt.write)
         await transport.control({"stop": True})
     finally:
         if bar is not None:
@@ -218,19 +252,40 @@ async def run_server(cfg: TrainConfig, transport: StepTransport, *, progress: bo
         accuracy=float(final["accuracy"]), loss=float(final["loss"]), steps=cfg.steps, wall_seconds=wall,
         steps_per_second=done / wall if wall > 0 else 0.0,
         lost_chunk_fraction=lost_chunks / chunks if chunks else 0.0, lost_gradients=lost_grads,
-        rejected_datagrams=rejected, config=cfg.to_dict(), history=history)
-    if cfg.json_out:
-        Path(cfg.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.json_out).write_text(json.dumps(summary.__dict__, indent=1, default=str))
+        rejected_datagrams=rejected, config=cfg.to_dict(), history=history,
+        resumed_from=start, checkpoints_skipped=[[st, why] for st, why in checkpoints.skipped],
+        missing_workers=missing_total, max_missing_workers=missing_max)
+    counters = getattr(transport, "fault_counters", None)
+    if counters is not None:
+        faults = counters()
+        summary.rejoins = int(faults.get("rejoins", 0))
+        summary.control_rejects = faults.get("control_rejects", {})
+        summary.control_link_failures = faults.get("control_link_failures", {})
+        summary.rendezvous_rejects = faults.get("rendezvous_rejects", {})
+    if cfg.json_out:  # atomically: a reader never sees half a summary
+        atomic_write_text(cfg.json_out, json.dumps(summary.__dict__, indent=1, default=str))
     return summary
 
 
+def _end_torn_line(path: Path) -> None:
+    """End an append-only JSON-lines log with a newline when a crash left its last row half written."""
+    try:
+        with path.open("rb+") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size:
+                fh.seek(size - 1)
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")
+    except FileNotFoundError:
+        pass
+
+
 def _evaluate(exp: Any, model: Any, step: int, t0: float, lost: int, chunks: int, lost_grads: int, writer: Any,
-              evals: Any) -> dict[str, Any]:
+              evals: Any, *, missing: int = 0) -> dict[str, Any]:
     metrics = exp.evaluate(model)
     row = {"wall": round(time.monotonic() - t0, 4), "step": step, "loss": float(metrics["loss"]),
            "accuracy": float(metrics["accuracy"]), "lost_chunk_fraction": lost / chunks if chunks else 0.0,
-           "lost_gradients": lost_grads}
+           "lost_gradients": lost_grads, "missing_workers": missing}
     with writer.as_default(step=step):
         tf.summary.scalar("test/accuracy", row["accuracy"])
         tf.summary.scalar("test/loss", row["loss"])

@@ -5,7 +5,9 @@ Three ways to build a :class:`World` (see ``docs/bootstrap.md``):
 - :func:`from_mpi`: under ``mpiexec``; ranks exchange ``(host, port, X25519 public key)`` with one
   ``allgather`` on an MPI communicator (``mpi4py`` is imported only here).
 - :func:`from_env`: ``torch.distributed`` ``env://`` style. Rank 0 runs a small TCP rendezvous on
-  ``LOSSYMPI_RENDEZVOUS``; every rank authenticates with the shared job secret ``LOSSYMPI_SECRET``.
+  ``LOSSYMPI_RENDEZVOUS``; every rank authenticates with the shared job secret ``LOSSYMPI_SECRET``. With
+  ``rejoin=True`` rank 0 keeps it open (:class:`RejoinService`): a crashed rank restarted with the same
+  environment runs a fresh, authenticated X25519 exchange with rank 0 and gets the current table.
 - :func:`local_worlds`: every rank in this process, for tests and single-process runs.
 
 In every case each rank draws an ephemeral X25519 key pair and the key of the pair ``(i, j)`` is derived
@@ -29,8 +31,9 @@ import secrets
 import selectors
 import socket
 import struct
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +43,7 @@ __all__ = [
     "MAX_HELLO_BYTES",
     "RendezvousAuthError",
     "RendezvousError",
+    "RejoinService",
     "World",
     "bind_udp",
     "from_env",
@@ -111,6 +115,8 @@ class World:
     info : dict
         How the world was built (``"method"``; for rank 0 of :func:`from_env`, ``"rejected"``: counts of
         refused rendezvous connections by reason). Informative only.
+    rendezvous : RejoinService or None
+        Rank 0 of :func:`from_env` with ``rejoin=True``: the rendezvous, still listening for restarted ranks.
     """
 
     rank: int
@@ -120,6 +126,7 @@ class World:
     sock: socket.socket
     info: dict[str, Any] = field(default_factory=dict, repr=False)
     control: socket.socket | None = field(default=None, repr=False)
+    rendezvous: RejoinService | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.size < 1 or not 0 <= self.rank < self.size:
@@ -133,10 +140,12 @@ class World:
         return self.addresses[self.rank]
 
     def close(self) -> None:
-        """Close the UDP socket and the control listener. Idempotent."""
+        """Close the UDP socket, the control listener and the rejoin service. Idempotent."""
         self.sock.close()
         if self.control is not None:
             self.control.close()
+        if self.rendezvous is not None:
+            self.rendezvous.close()
 
     def __enter__(self) -> World:
         return self
@@ -707,6 +716,9 @@ class _Server:
         self.pending: dict[socket.socket, _Conn] = {}
         self.rejected: collections.Counter[str] = collections.Counter()
         self.max_pending = max(64, 4 * cfg.size)
+        self.admit: Callable[[int, tuple[str, int], bytes], bool] | None = None  # set by RejoinService
+        self.rejoins = 0
+        self.closed = False
         self.sel = selectors.DefaultSelector()
         try:
             self.listener = self._listen()
@@ -743,6 +755,9 @@ class _Server:
         if conn.rank is not None and self.registered.get(conn.rank) is conn:
             del self.registered[conn.rank]
             self.entries.pop(conn.rank, None)
+        self._unregister(conn)
+
+    def _unregister(self, conn: _Conn) -> None:
         try:
             self.sel.unregister(conn.sock)
         except (KeyError, ValueError):
@@ -897,7 +912,7 @@ class _Server:
                 )
             self._drop(old)  # the earlier connection of that rank died: let it register again
         for r, (oip, oport, opub) in self.entries.items():
-            if (oip, oport) == (ip, port):
+            if (oip, oport) == (ip, port) and r != rank:  # a restarted rank may get its old port again
                 raise _Reject(
                     "address_taken", f"{ip}:{port} is rank {r}'s", f"address {ip}:{port} is rank {r}'s"
                 )
@@ -916,6 +931,9 @@ class _Server:
         conn.rank = rank
         conn.client_nonce = client_nonce
         conn.buf = bytearray()
+        if self.admit is not None:  # the world has formed: a restarted rank rejoins
+            self._rejoin(conn, rank, (ip, port, pub))
+            return
         del self.pending[conn.sock]
         self.registered[rank] = conn
         self.entries[rank] = (ip, port, pub)
@@ -925,8 +943,11 @@ class _Server:
 
     # -- main loop ----------------------------------------------------------------------------------------
 
-    def run(self, timeout: float) -> list[tuple[str, int, bytes]]:
+    def run(self, timeout: float, keep_listening: bool = False) -> list[tuple[str, int, bytes]]:
+        """Serve until every rank has joined, send them the table; close the connections, and unless
+        ``keep_listening`` (for :class:`RejoinService`) the listener too."""
         size = self.cfg.size
+        ok = False
         try:
             while len(self.entries) < size:
                 now = time.monotonic()
@@ -948,23 +969,77 @@ class _Server:
                         self._readable(conn)
             table = [self.entries[r] for r in range(size)]
             self._send_tables(table)
+            ok = True
             return table
         finally:
-            for conn in [*self.pending.values(), *self.registered.values()]:
-                conn.sock.close()
-            self.pending.clear()
-            self.registered.clear()
-            self.sel.close()
-            self.listener.close()
+            if ok and keep_listening:  # pending connections stay: serve_rejoins() times them out and counts them
+                for conn in self.registered.values():
+                    self._unregister(conn)
+                self.registered.clear()
+            else:
+                self.close()
 
-    def _send_tables(self, table: list[tuple[str, int, bytes]]) -> None:
+    def close(self) -> None:
+        """Close every connection, the selector and the listener. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for conn in [*self.pending.values(), *self.registered.values()]:
+            conn.sock.close()
+        self.pending.clear()
+        self.registered.clear()
+        self.sel.close()
+        self.listener.close()
+
+    def serve_rejoins(self, stop: threading.Event) -> None:
+        """After :meth:`run`: answer rejoining ranks (see :class:`RejoinService`) until ``stop`` is set.
+
+        The same guards as during the first rendezvous apply to every connection: non-blocking sockets, a
+        ``read_timeout`` for the hello, a bound on pending connections and on the hello's size, counted refusals.
+        """
+        while not stop.is_set():
+            now = time.monotonic()
+            for conn in [c for c in self.pending.values() if c.deadline <= now]:
+                self._reject(conn, "read_timeout", f"no complete hello within {self.read_timeout:g}s")
+            wake = min([now + 0.2, *(c.deadline for c in self.pending.values())])
+            for key, _ in self.sel.select(max(0.0, wake - now)):
+                conn = key.data
+                if conn is None:
+                    self._accept()
+                elif conn.sock.fileno() != -1:
+                    self._readable(conn)
+
+    def _rejoin(self, conn: _Conn, rank: int, entry: tuple[str, int, bytes]) -> None:
+        """An authenticated hello after the world formed: ask ``admit`` (rank 0's runtime), then answer."""
+        assert self.admit is not None
+        ip, port, pub = entry
+        key = derive_pair_keys(0, self.keypair, {rank: pub})[rank]
+        try:
+            admitted = self.admit(rank, (ip, port), key)
+        except Exception as exc:
+            logger.exception("rendezvous: admitting rank %d failed", rank)
+            raise _Reject("admit", f"admit failed: {exc}", f"rank 0 could not admit rank {rank}") from None
+        if not admitted:
+            raise _Reject("rank_taken", f"rank {rank} is alive",
+                          f"rank {rank} is alive: a running rank cannot be taken over")
+        self.entries[rank] = entry
+        self.rejoins += 1
+        logger.warning("rendezvous: rank %d rejoined from %s (UDP %s:%d)", rank, conn.peer, ip, port)
+        self.pending.pop(conn.sock, None)
+        try:
+            self._send_tables([self.entries[r] for r in range(self.cfg.size)], {rank: conn})
+        finally:
+            self._unregister(conn)
+
+    def _send_tables(self, table: list[tuple[str, int, bytes]], to: dict[int, _Conn] | None = None) -> None:
+        """Send the table to every registered connection (or to those of ``to``)."""
         body = {
             "type": "table",
             "v": RENDEZVOUS_VERSION,
             "world_size": self.cfg.size,
             "peers": [{"host": ip, "port": port, "public_key": pub.hex()} for ip, port, pub in table],
         }
-        for rank, conn in sorted(self.registered.items()):
+        for rank, conn in sorted((self.registered if to is None else to).items()):
             msg = dict(body)
             msg["mac"] = _mac(self.cfg.secret, _TABLE_LABEL, conn.nonce + conn.client_nonce, body)
             try:
@@ -972,6 +1047,73 @@ class _Server:
                 conn.sock.sendall(_frame(msg))
             except OSError as exc:
                 logger.warning("rendezvous: could not send the table to rank %d: %s", rank, exc)
+
+
+
+class RejoinService:
+    """Rank 0's ``env://`` rendezvous kept open after the world formed, so that a restarted rank can rejoin.
+
+    A rank restarted with the same environment (``LOSSYMPI_RANK``, ``LOSSYMPI_WORLD_SIZE``,
+    ``LOSSYMPI_RENDEZVOUS``, ``LOSSYMPI_SECRET``) calls :func:`from_env` as the first time: it answers a fresh
+    challenge with a hello authenticated by the job secret, carrying a new X25519 public key and its new UDP
+    address. Rank 0 derives the new pair key (:func:`lossympi.keys.derive_pair_keys`, as at the first
+    rendezvous) and calls ``admit(rank, (ip, port), key)`` on the service's thread. When ``admit`` returns True
+    (the rank's previous process is gone, and the caller installed the new key and address), the rank receives
+    the current table, authenticated over both nonces like the first one; when it returns False the rank is
+    refused (``rank_taken``: a live rank cannot be taken over). A hello that does not verify under the job
+    secret is refused before ``admit`` is asked, so nobody without the secret can take over a rank.
+
+    Every connection gets the guards of the first rendezvous (hello within ``read_timeout``, bounded size and
+    number of pending connections); refusals are counted by reason in :attr:`rejected`, which also holds those
+    of the first rendezvous.
+    """
+
+    def __init__(self, server: _Server) -> None:
+        self._server = server
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Refused connections by reason (first rendezvous and rejoins)."""
+        return dict(self._server.rejected)
+
+    @property
+    def rejoins(self) -> int:
+        """Ranks admitted after the world formed."""
+        return self._server.rejoins
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The rendezvous's listening TCP address."""
+        host, port = self._server.listener.getsockname()[:2]
+        return str(host), int(port)
+
+    def start(self, admit: Callable[[int, tuple[str, int], bytes], bool]) -> None:
+        """Serve rejoins on a daemon thread; ``admit(rank, (ip, port), pair_key) -> bool`` runs on that thread."""
+        if self._thread is not None or self._closed:
+            raise RuntimeError("the rejoin service is already started or closed")
+        self._server.admit = admit
+        self._thread = threading.Thread(target=self._run, name="lossympi-rejoin", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._server.serve_rejoins(self._stop)
+        except Exception:  # never silently: a dead service means no rejoin
+            if not self._stop.is_set():
+                logger.exception("rendezvous: the rejoin service stopped")
+
+    def close(self) -> None:
+        """Stop serving and close the listener. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self._server.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1092,6 +1234,7 @@ def from_env(
     secret: str | bytes | None = None,
     read_timeout: float = 10.0,
     environ: Mapping[str, str] | None = None,
+    rejoin: bool = False,
 ) -> World:
     """Bootstrap through an authenticated TCP rendezvous on rank 0 (``torch.distributed`` ``env://`` style).
 
@@ -1116,6 +1259,10 @@ def from_env(
         Rank 0: seconds a new connection has to send its hello. Others: seconds to wait for the challenge.
     environ : Mapping[str, str], optional
         Environment to read instead of ``os.environ``.
+    rejoin : bool
+        Rank 0: keep the rendezvous listening once the world has formed, as ``World.rendezvous`` (a
+        :class:`RejoinService`), so that a restarted rank can rejoin. Other ranks need nothing special: a
+        restarted rank calls :func:`from_env` as it did the first time.
 
     Returns
     -------
@@ -1148,6 +1295,7 @@ def from_env(
         ip = _default_ip_towards(cfg.rdzv_host)
     _check_unicast(ip, "host")
     sock, control = bind_udp_and_control(ip, cfg.port_range)
+    service: RejoinService | None = None
     try:
         keypair = KeyPair()
         own = (ip, int(sock.getsockname()[1]), keypair.public_bytes)
@@ -1156,17 +1304,23 @@ def from_env(
             table = [own]
         elif cfg.rank == 0:
             server = _Server(cfg, own, keypair, deadline, read_timeout)
-            table = server.run(timeout)
+            table = server.run(timeout, keep_listening=rejoin)
             info["rejected"] = dict(server.rejected)
+            if rejoin:
+                service = RejoinService(server)
         else:
             table = _join(cfg, own, deadline, timeout, read_timeout)
         addresses = [(t[0], t[1]) for t in table]
         publics = [t[2] for t in table]
         _check_table(addresses, publics)
-        return _world_from_table(cfg.rank, cfg.size, sock, keypair, addresses, publics, info, control)
+        world = _world_from_table(cfg.rank, cfg.size, sock, keypair, addresses, publics, info, control)
+        world.rendezvous = service
+        return world
     except BaseException:
         sock.close()
         control.close()
+        if service is not None:
+            service.close()
         raise
 
 

@@ -14,20 +14,46 @@ a rank that calls a different collective than the others gets a clear error inst
 operation starts with every rank ``r > 0`` sending its header to rank 0, so rank 0 always sees a mismatch;
 it then sends an abort frame (op ``OP_ABORT``, the error as data) to every rank. A rank whose channel
 failed (mismatch, abort, authentication, sequence, timeout) refuses further operations.
+
+Elastic mode (:meth:`TCPControl.make_elastic`, used by training): ranks may die and come back, and rank 0 must
+never block on, nor fail because of, a dead or slow rank. Rank 0 then only *announces* (:meth:`announce`: one
+frame queued on every live link, never waiting for a peer) and the other ranks *listen* (:meth:`listen`); the
+collectives above are refused. Each :meth:`listen` first tells rank 0 that the rank is ready for the next
+announcement (an authenticated ``ready`` frame carrying how many frames it has received), so rank 0 can wait
+for the ranks that are still busy, at most a given time (:meth:`wait_ready`): a bounded barrier, which keeps
+the ranks in step without letting a slow one hold rank 0 more than once (a rank that missed a wait is not waited
+for again until it has caught up). Rank 0 keeps its listener open and reads every link: EOF, a reset, a frame
+that fails authentication or is not a ``ready``, or a queue that does not drain, marks the link dead (counted in
+:attr:`link_failures`; the rank is in :meth:`missing` until it reconnects). A rank whose link is dead may connect
+again with the ordinary hello, under the pair key rank 0 holds for it at that moment (after a rejoin through the
+rendezvous, the new one: see :mod:`lossympi.bootstrap`); a hello for a rank whose link is alive is refused. A
+rank that reads EOF from rank 0 gets :class:`ControlClosed`.
+
+Hostile connections to rank 0's listener (both modes): the hello is a fixed 36 bytes that must arrive within
+``handshake_timeout`` seconds, at most ``max_handshakes`` handshakes are in progress at once, and every refused
+connection is counted by reason in :attr:`TCPControl.rejects` (``auth``: bad MAC or rank; ``timeout``: silent or
+half-open; ``eof``: closed mid-hello; ``rank_taken``: the rank's link is alive; ``overflow``). The length of every
+frame is checked against ``max_bytes`` before its body is read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import hashlib
 import hmac
+import logging
 import os
+import select
 import socket
 import struct
 import time
 from collections.abc import Mapping, Sequence
 
-__all__ = ["ControlError", "TCPControl"]
+__all__ = ["ControlClosed", "ControlError", "TCPControl"]
+
+log = logging.getLogger(__name__)
 
 _LEN = struct.Struct("<I")
 _SEQ = struct.Struct("<Q")
@@ -39,12 +65,19 @@ OP_BCAST = 2
 OP_GATHER = 3
 OP_FORWARD = 4
 OP_ABORT = 5
+OP_ANNOUNCE = 6
+OP_WELCOME = 7
+OP_READY = 8
 OP_NAMES = {OP_BARRIER: "Barrier", OP_BCAST: "bcast", OP_GATHER: "gather", OP_FORWARD: "forward",
-            OP_ABORT: "abort"}
+            OP_ABORT: "abort", OP_ANNOUNCE: "announce", OP_WELCOME: "welcome", OP_READY: "ready"}
 
 
 class ControlError(RuntimeError):
     """The control channel failed: authentication, framing, a mismatched collective or a lost peer."""
+
+
+class ControlClosed(ControlError):
+    """The peer closed or reset the control connection (it exited or crashed)."""
 
 
 def _mac(key: bytes, direction: int, seq: int, payload: bytes) -> bytes:
@@ -65,11 +98,15 @@ class _Link:
         self.recv_seq = 0
         self.max_bytes = max_bytes
 
-    async def send(self, payload: bytes) -> None:
+    def write(self, payload: bytes) -> None:
+        """Frame ``payload`` and queue it, without waiting for the socket to take it."""
         body = _SEQ.pack(self.send_seq) + payload
         mac = _mac(self.key, self.out_dir, self.send_seq, payload)
         self.writer.write(_LEN.pack(len(body) + _MAC_BYTES) + body + mac)
         self.send_seq += 1
+
+    async def send(self, payload: bytes) -> None:
+        self.write(payload)
         await self.writer.drain()
 
     async def recv(self) -> bytes:
@@ -79,7 +116,7 @@ class _Link:
                 raise ControlError(f"control frame of {n} bytes is out of bounds (max {self.max_bytes} payload)")
             frame = await self.reader.readexactly(n)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            raise ControlError(f"control connection lost: {exc}") from exc
+            raise ControlClosed(f"control connection lost: {exc}") from exc
         (seq,) = _SEQ.unpack_from(frame)
         payload = frame[_SEQ.size:-_MAC_BYTES]
         if not hmac.compare_digest(frame[-_MAC_BYTES:], _mac(self.key, self.in_dir, seq, payload)):
@@ -122,17 +159,37 @@ class TCPControl:
     addresses : sequence of (host, port)
         Every rank's address; rank 0's TCP control listener has the same address as its UDP socket.
     keys : mapping rank -> bytes
-        Pair keys (rank 0 needs every rank's, other ranks need rank 0's).
+        Pair keys (rank 0 needs every rank's, other ranks need rank 0's). Rank 0 reads ``self.keys`` at each
+        hello, so a rejoining rank's new key takes effect once stored there.
     listener : socket.socket, optional
         Rank 0's listening TCP socket (``World.control``).
     timeout : float
-        Seconds to wait for the star to form, and for any one operation.
+        Seconds to wait for the star to form, and for any one operation (in elastic mode: for a rank to hear
+        the next announcement, and for rank 0 to hand one frame to a link).
     max_bytes : int
         Largest payload accepted in one frame.
+    handshake_timeout : float
+        Seconds a new connection to rank 0 has to complete its hello.
+    max_handshakes : int
+        Handshakes in progress at once on rank 0; connections beyond are closed at once (counted ``overflow``).
+    send_timeout : float
+        Rank 0, elastic: seconds a link may keep announcements queued (its peer not reading) before it is
+        dropped; a link with more than ``2 * max_bytes + 1 MiB`` queued is dropped at once.
+
+    Attributes
+    ----------
+    rejects : collections.Counter
+        Rank 0: refused incoming connections by reason (see the module notes).
+    link_failures : collections.Counter
+        Rank 0, elastic mode: links lost after their hello, by reason (``eof``, ``reset``, ``bad_frame``,
+        ``timeout``).
+    rejoins : int
+        Rank 0: hellos accepted for a rank that had a link before (a restarted rank).
     """
 
     def __init__(self, rank: int, size: int, addresses: Sequence[tuple[str, int]], keys: Mapping[int, bytes],
-                 listener: socket.socket | None = None, *, timeout: float = 120.0, max_bytes: int = 1 << 20) -> None:
+                 listener: socket.socket | None = None, *, timeout: float = 120.0, max_bytes: int = 1 << 20,
+                 handshake_timeout: float = 5.0, max_handshakes: int = 64, send_timeout: float = 10.0) -> None:
         if rank == 0 and size > 1 and listener is None:
             raise ValueError("rank 0 needs its control listener (World.control) to serve the control channel")
         self.rank = rank
@@ -142,45 +199,292 @@ class TCPControl:
         self.listener = listener
         self.timeout = timeout
         self.max_bytes = max_bytes
+        self.handshake_timeout = handshake_timeout
+        self.max_handshakes = max_handshakes
+        self.send_timeout = send_timeout
+        self.elastic = False
         self.links: dict[int, _Link] = {}
-        self.rejected = 0
+        self.rejects: collections.Counter[str] = collections.Counter()
+        self.link_failures: collections.Counter[str] = collections.Counter()
+        self.rejoins = 0
+        self._seen: set[int] = set()
+        self._watchers: dict[int, asyncio.Task] = {}
+        self._draining: dict[int, asyncio.Task] = {}
+        self._handshake_tasks: set[asyncio.Task] = set()
+        self._ready_at: dict[int, int] = {}  # rank 0, elastic: the frame count in each rank's last ready frame
+        self._lagging: set[int] = set()  # rank 0, elastic: ranks that missed a wait_ready, until they catch up
+        self._ready_event: asyncio.Event | None = None
+        self._handshakes = 0
+        self._server: asyncio.AbstractServer | None = None
         self._opno = 0
         self._ready: asyncio.Future | None = None
         self._failed: str | None = None
 
+    @property
+    def rejected(self) -> int:
+        """Rank 0: total refused incoming connections (the sum of :attr:`rejects`)."""
+        return sum(self.rejects.values())
+
+    def make_elastic(self) -> None:
+        """Switch to elastic mode (see the module notes); call before the first operation."""
+        if self._ready is not None:
+            raise RuntimeError("make_elastic() must be called before the control channel is first used")
+        self.elastic = True
+
+    def missing(self) -> list[int]:
+        """Rank 0: the ranks that have no live link now."""
+        return [r for r in range(1, self.size) if r not in self.links]
+
     # ------------------------------------------------------------------ connection set-up
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         done: asyncio.Future) -> None:
+        """Rank 0: one incoming connection. Never raises; a refusal is counted and closes the connection."""
+        if self._handshakes >= self.max_handshakes:
+            self.rejects["overflow"] += 1
+            writer.close()
+            return
+        self._handshakes += 1
+        reason = None
+        try:
+            nonce = os.urandom(16)
+            writer.write(nonce)
+            await asyncio.wait_for(writer.drain(), self.handshake_timeout)
+            hello = await asyncio.wait_for(reader.readexactly(4 + _MAC_BYTES), self.handshake_timeout)
+            (r,) = _LEN.unpack_from(hello)
+            key = self.keys.get(r)
+            expect = hmac.new(key or b"\0", _HELLO + nonce + _LEN.pack(r), hashlib.sha256).digest()
+            if not 0 < r < self.size or key is None or not hmac.compare_digest(hello[4:], expect):
+                reason = "auth"
+            elif r in self.links and not (self.elastic and not self.link_alive(r)):
+                reason = "rank_taken"
+                log.warning("control: refused a second connection for rank %d, whose link is alive", r)
+            else:
+                # elastic: the other ranks only send ready frames to rank 0, so a larger frame is refused unread
+                link = _Link(reader, writer, key, 1, _OP.size if self.elastic else self.max_bytes)
+                if self.elastic:  # the hello is accepted: tell the rank (its link is installed once told)
+                    await asyncio.wait_for(link.send(_OP.pack(OP_WELCOME, 0)), self.handshake_timeout)
+                if r in self.links:  # another hello for r won while this one was being welcomed
+                    reason = "rank_taken"
+                else:
+                    self.links[r] = link
+                    if r in self._seen:
+                        self.rejoins += 1
+                        log.warning("control: rank %d reconnected (rejoin #%d)", r, self.rejoins)
+                    self._seen.add(r)
+                    if self.elastic:
+                        self._watchers[r] = asyncio.ensure_future(self._watch(r, link))
+                    if len(self.links) == self.size - 1 and not done.done():
+                        done.set_result(None)
+        except TimeoutError:
+            reason = "timeout"
+        except (asyncio.IncompleteReadError, ConnectionError):
+            reason = "eof"
+        except asyncio.CancelledError:  # the channel closes
+            writer.close()
+            raise
+        finally:
+            self._handshakes -= 1
+        if reason is not None:
+            self.rejects[reason] += 1
+            writer.close()
+
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._handshake_tasks.add(task)
             try:
-                nonce = os.urandom(16)
-                writer.write(nonce)
-                await writer.drain()
-                hello = await asyncio.wait_for(reader.readexactly(4 + _MAC_BYTES), timeout=5.0)
-                (r,) = _LEN.unpack_from(hello)
-                key = self.keys.get(r)
-                expect = hmac.new(key or b"\0", _HELLO + nonce + _LEN.pack(r), hashlib.sha256).digest()
-                if not 0 < r < self.size or key is None or r in self.links or not hmac.compare_digest(
-                        hello[4:], expect):
-                    raise ControlError("bad control hello")
-                self.links[r] = _Link(reader, writer, key, 1, self.max_bytes)
-                if len(self.links) == self.size - 1 and not done.done():
-                    done.set_result(None)
-            except (TimeoutError, ControlError, asyncio.IncompleteReadError, ConnectionError):
-                self.rejected += 1
-                writer.close()
+                await self._handshake(reader, writer, done)
+            finally:
+                self._handshake_tasks.discard(task)
 
         server = await asyncio.start_server(handle, sock=self.listener)
         self._server = server
         try:
-            await asyncio.wait_for(done, timeout=self.timeout)
+            await asyncio.wait_for(asyncio.shield(done), timeout=self.timeout)
         except TimeoutError as exc:
-            missing = sorted(set(range(1, self.size)) - set(self.links))
-            raise ControlError(f"control channel: ranks {missing} did not connect within {self.timeout} s") from exc
-        finally:
+            missing = self.missing()
+            if not self.elastic or not self.links:
+                server.close()
+                raise ControlError(
+                    f"control channel: ranks {missing} did not connect within {self.timeout} s") from exc
+            log.warning("control: ranks %s did not connect within %g s; going on without them (they may join "
+                        "later)", missing, self.timeout)
+        if not self.elastic:
             server.close()
+
+    # ------------------------------------------------------------------ elastic mode (rank 0)
+    async def _watch(self, r: int, link: _Link) -> None:
+        """Rank 0, elastic: read rank ``r``'s ready frames until its link ends (EOF, reset, bad frame)."""
+        while True:
+            try:
+                payload = await link.recv()
+            except ControlClosed as exc:
+                reason = "reset" if isinstance(exc.__cause__, ConnectionResetError) else "eof"
+                break
+            except ControlError:  # authentication, sequence, size
+                reason = "bad_frame"
+                break
+            except asyncio.CancelledError:
+                return
+            if len(payload) != _OP.size or payload[0] != OP_READY:
+                reason = "bad_frame"
+                break
+            count = _OP.unpack(payload)[1]
+            self._ready_at[r] = count
+            if count == link.send_seq:
+                self._lagging.discard(r)  # caught up
+            if self._ready_event is not None:
+                self._ready_event.set()
+        self._drop(r, link, reason)
+
+    def _is_ready(self, r: int) -> bool:
+        link = self.links.get(r)
+        return link is None or r in self._lagging or self._ready_at.get(r) == link.send_seq
+
+    async def wait_ready(self, timeout: float) -> list[int]:
+        """Rank 0, elastic: wait, at most ``timeout`` seconds, until every live rank has asked for the next
+        announcement; returns the ranks that had not (they are not waited for again until they catch up)."""
+        if self.rank != 0 or not self.elastic:
+            raise ControlError("wait_ready() is rank 0's operation on an elastic control channel")
+        await self.connect()
+        end = time.monotonic() + timeout
+        if self._ready_event is None:
+            self._ready_event = asyncio.Event()
+        while True:
+            late = [r for r in sorted(self.links) if not self._is_ready(r)]
+            left = end - time.monotonic()
+            if not late or left <= 0:
+                break
+            self._ready_event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready_event.wait(), left)
+        self._lagging.update(late)
+        return late
+
+    def _drop(self, r: int, link: _Link, reason: str) -> None:
+        if self.links.get(r) is not link:
+            return  # already replaced or dropped
+        del self.links[r]
+        self.link_failures[reason] += 1
+        log.warning("control: lost rank %d (%s); it counts as missing until it reconnects", r, reason)
+        link.close()
+        self._ready_at.pop(r, None)
+        self._lagging.discard(r)
+        if self._ready_event is not None:
+            self._ready_event.set()
+        for tasks in (self._watchers, self._draining):
+            task = tasks.pop(r, None)
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+
+    def link_alive(self, r: int) -> bool:
+        """Rank 0, elastic: whether rank ``r`` has a live link, looking at its socket now (a dead one is dropped).
+
+        The event loop may not have read the end of a dead link yet (a restarted rank can rejoin while rank 0 is
+        busy): the socket itself is asked whether the peer hung up or reset it.
+        """
+        link = self.links.get(r)
+        if link is None:
+            return False
+        sock = link.writer.get_extra_info("socket")
+        if link.writer.is_closing() or link.reader.at_eof() or sock is None or sock.fileno() < 0:
+            self._drop(r, link, "eof")
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLERR | select.POLLHUP | select.POLLRDHUP)
+        events = poller.poll(0)
+        if events:
+            self._drop(r, link, "reset" if events[0][1] & select.POLLERR else "eof")
+            return False
+        return True
+
+    async def announce(self, data: bytes) -> list[int]:
+        """Rank 0, elastic: send ``data`` to every rank with a live link; returns the ranks it was handed to.
+
+        Never waits for a rank: the frame is queued on each link. A link whose peer does not read is dropped
+        (``timeout``) once its queue stays above the high-water mark for ``send_timeout`` seconds, or holds more
+        than ``2 * max_bytes + 1 MiB``; a send error drops it (``reset``).
+        """
+        if self.rank != 0 or not self.elastic:
+            raise ControlError("announce() is rank 0's operation on an elastic control channel (make_elastic())")
+        await self.connect()
+        payload = _OP.pack(OP_ANNOUNCE, self._opno) + bytes(data)
+        if len(payload) > self.max_bytes:
+            raise ValueError(f"announcement of {len(payload)} bytes exceeds max_bytes={self.max_bytes}")
+        self._opno += 1
+        reached = []
+        for r, link in sorted(self.links.items()):
+            try:
+                link.write(payload)
+                queued = link.writer.transport.get_write_buffer_size()
+            except (ConnectionError, OSError, RuntimeError):
+                self._drop(r, link, "reset")
+                continue
+            if queued > 2 * self.max_bytes + (1 << 20):
+                self._drop(r, link, "timeout")
+                continue
+            if queued and r not in self._draining:
+                self._draining[r] = asyncio.ensure_future(self._drain(r, link))
+            reached.append(r)
+        await asyncio.sleep(0)
+        return reached
+
+    async def flush(self) -> None:
+        """Rank 0, elastic: wait, at most ``send_timeout`` seconds, until every link's queue is empty (before
+        closing the channel after a last announcement)."""
+        end = time.monotonic() + self.send_timeout
+        while time.monotonic() < end and any(
+                link.writer.transport.get_write_buffer_size() for link in self.links.values()):
+            await asyncio.sleep(0.01)
+
+    async def _drain(self, r: int, link: _Link) -> None:
+        """Rank 0, elastic: wait for a link's queue to drain; drop the link after ``send_timeout`` seconds."""
+        try:
+            await asyncio.wait_for(link.writer.drain(), self.send_timeout)
+        except TimeoutError:
+            self._drop(r, link, "timeout")
+        except (ConnectionError, OSError):
+            self._drop(r, link, "reset")
+        except asyncio.CancelledError:
+            return
+        finally:
+            if self._draining.get(r) is asyncio.current_task():
+                del self._draining[r]
+
+    async def listen(self) -> bytes:
+        """Rank ``r > 0``, elastic: the next announcement of rank 0.
+
+        Raises :class:`ControlClosed` when rank 0 closed or reset the connection (it exited or crashed), and
+        :class:`ControlError` when nothing came within ``timeout`` seconds or the frame is not an announcement.
+        """
+        if self.rank == 0 or not self.elastic:
+            raise ControlError("listen() is for ranks > 0 on an elastic control channel (make_elastic())")
+        await self.connect()
+        if self._failed is not None:
+            raise ControlError(f"control channel unusable after an earlier error: {self._failed}")
+        link = self.links[0]
+        try:
+            try:  # tell rank 0 this rank waits for its next announcement
+                link.write(_OP.pack(OP_READY, link.recv_seq))
+            except (ConnectionError, OSError) as exc:
+                raise ControlClosed(f"control connection lost: {exc}") from exc
+            try:
+                payload = await asyncio.wait_for(link.recv(), self.timeout)
+            except TimeoutError:
+                raise ControlError(f"rank {self.rank}: rank 0 announced nothing within {self.timeout} s "
+                                   "(control timeout)") from None
+            if payload[:1] == bytes([OP_ABORT]):
+                raise ControlError(payload[_OP.size:].decode("utf-8", "replace"))
+            if payload[:1] != bytes([OP_ANNOUNCE]) or len(payload) < _OP.size:
+                raise ControlError(f"rank {self.rank}: expected an announcement from rank 0")
+        except ControlError as exc:
+            self._failed = self._failed or str(exc)
+            raise
+        return payload[_OP.size:]
 
     async def _join(self) -> None:
         host, port = self.addresses[0]
@@ -203,7 +507,21 @@ class TCPControl:
         mac = hmac.new(key, _HELLO + nonce + _LEN.pack(self.rank), hashlib.sha256).digest()
         writer.write(_LEN.pack(self.rank) + mac)
         await writer.drain()
-        self.links[0] = _Link(reader, writer, key, 0, self.max_bytes)
+        link = _Link(reader, writer, key, 0, self.max_bytes)
+        if self.elastic:  # rank 0 confirms an accepted hello
+            try:
+                welcome = await asyncio.wait_for(link.recv(), self.timeout)
+            except TimeoutError as exc:
+                raise ControlError(f"rank 0 did not confirm rank {self.rank}'s control hello within "
+                                   f"{self.timeout} s") from exc
+            except ControlClosed as exc:
+                raise ControlError(
+                    f"rank 0 refused rank {self.rank}'s control hello: another live process holds rank "
+                    f"{self.rank}, or this process's pair key is not the one rank 0 holds (a restarted rank must "
+                    "rejoin through the rendezvous first)") from exc
+            if welcome[:1] != bytes([OP_WELCOME]):
+                raise ControlError(f"rank {self.rank}: expected rank 0's welcome on the control channel")
+        self.links[0] = link
 
     async def connect(self) -> None:
         """Form the star (idempotent; every collective calls it first)."""
@@ -215,6 +533,9 @@ class TCPControl:
 
     # ------------------------------------------------------------------ operations
     def _begin(self, op: int) -> bytes:
+        if self.elastic:
+            raise ControlError(f"{OP_NAMES[op]} is not available on an elastic control channel (ranks may come and "
+                               "go): use announce() on rank 0 and listen() on the others")
         if self._failed is not None:
             raise ControlError(f"control channel unusable after an earlier error: {self._failed}")
         header = _OP.pack(op, self._opno)
@@ -320,9 +641,23 @@ class TCPControl:
         if not 0 <= root < self.size:
             raise ValueError(f"root {root} is not a rank in [0, {self.size})")
 
+    async def aclose(self) -> None:
+        """Close the channel, and wait for its own tasks (handshakes, watchers) to end, so none is left pending."""
+        tasks = [*self._watchers.values(), *self._draining.values(), *self._handshake_tasks]
+        self.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def close(self) -> None:
+        for task in [*self._watchers.values(), *self._draining.values(), *self._handshake_tasks]:
+            task.cancel()
+        self._watchers.clear()
+        self._draining.clear()
         for link in self.links.values():
             link.close()
         self.links.clear()
+        if self._server is not None:
+            self._server.close()
         if self._ready is not None and not self._ready.done():
             self._ready.cancel()
