@@ -164,7 +164,6 @@ async def run_server(cfg: TrainConfig, transport: StepTransport, *, progress: bo
                                f"its name says {restored}: the checkpoint directory is inconsistent")
         log.warning("resumed from %s at step %d", checkpoints.path(restored), restored)
     start = int(step_var.numpy())
-    start = int(step_var.numpy())
     saved = start if restored is not None else -1
     writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
     for name in ("eval.jsonl", "steps.jsonl"):
