@@ -375,3 +375,34 @@ def test_timeouts_give_clear_errors():
                 await ctls[1].gather_bytes(b"", 0)
 
     run(main())
+
+
+def _kernel_has_rto_min_option() -> bool:
+    import socket
+
+    from lossympi.control import _TCP_RTO_MIN_US
+
+    with socket.socket() as s:
+        try:
+            return s.getsockopt(socket.IPPROTO_TCP, _TCP_RTO_MIN_US) > 0
+        except OSError:
+            return False
+
+
+def test_links_repair_a_lost_message_in_milliseconds_not_200():
+    """Every link has Nagle off and, where the kernel has the options (Linux >= 6.15), a 5 ms minimum RTO and
+    1 ms delayed ACKs, so a lost one-segment step message is resent after ms, not TCP's default 200 ms."""
+    from lossympi.control import CONTROL_RTO_MIN_US
+
+    async def main():
+        with controls(3, timeout=WAIT) as (_, ctls):
+            await together(ctls, lambda c: c.barrier())
+            links = [link for c in ctls for link in c.links.values()]
+            assert len(links) == 4 and all(link.tuning.get("nodelay") for link in links)
+            if _kernel_has_rto_min_option():
+                # the kernel rounds up to its clock tick (4 ms at HZ=250)
+                assert all(CONTROL_RTO_MIN_US <= link.tuning["rto_min_us"] < 20_000 for link in links)
+            else:
+                assert all("rto_min_us" not in link.tuning for link in links)
+
+    run(main())
