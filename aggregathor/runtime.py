@@ -38,7 +38,7 @@ import tensorflow as tf
 from aggregathor import attacks, experiments, gars
 from aggregathor.checkpoint import AtomicCheckpoints, atomic_write_text
 from aggregathor.config import TrainConfig
-from aggregathor.transport import GatherReport, StepTransport
+from aggregathor.transport import GatherReport, ProtocolEvents, StepTransport
 
 __all__ = ["Deadline", "RunSummary", "build_optimizer", "run_server", "run_worker", "worker_role"]
 
@@ -96,7 +96,12 @@ class Deadline:
 
 @dataclass
 class RunSummary:
-    """The JSON summary of a run (``--json-out``)."""
+    """The JSON summary of a run (``--json-out``).
+
+    The protocol counters (see :class:`aggregathor.transport.ProtocolEvents`) are keyed by worker rank:
+    ``rejected_by_rank`` maps the rank that really sent refused datagrams (``"unknown"``: no rank's address)
+    to counts by reason; ``incomplete_rows``, ``nonfinite_rows`` and ``huge_rows`` count steps.
+    """
 
     accuracy: float
     loss: float
@@ -108,6 +113,14 @@ class RunSummary:
     rejected_datagrams: int
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    rejected_by_rank: dict[str, dict[str, int]] = field(default_factory=dict)
+    incomplete_rows: dict[str, int] = field(default_factory=dict)
+    nonfinite_rows: dict[str, int] = field(default_factory=dict)
+    huge_rows: dict[str, int] = field(default_factory=dict)
+    stale_by_rank: dict[str, int] = field(default_factory=dict)
+    pool_drops_by_rank: dict[str, int] = field(default_factory=dict)
+    duplicates_by_rank: dict[str, int] = field(default_factory=dict)
     # crash faults (see the module notes)
     resumed_from: int = 0  # the step this server started at: that of the checkpoint it restored, else 0
     checkpoints_skipped: list[list[Any]] = field(default_factory=list)  # [step, why] of unusable checkpoints
@@ -174,6 +187,7 @@ async def run_server(cfg: TrainConfig, transport: StepTransport, *, progress: bo
     flushed = time.monotonic()
     deadline = Deadline(cfg.deadline)
     lost_chunks = chunks = lost_grads = rejected = 0
+    events = ProtocolEvents(n)  # what the workers did at the protocol level (rejects, non-finite rows...)
     history: list[dict[str, Any]] = []
     bar = None
     if progress:
@@ -205,6 +219,7 @@ async def run_server(cfg: TrainConfig, transport: StepTransport, *, progress: bo
             chunks += report.chunks
             rejected += report.rejected
             lost_grads += int(np.sum(report.delivered == 0))
+            step_events = events.observe(report, rows[1:])
             g = rule(rows[1:])
             if not bool(tf.reduce_all(tf.math.is_finite(g))):
                 log.warning("step %d: the aggregate is not finite (rule %s); update skipped", step, cfg.gar)
@@ -218,7 +233,8 @@ async def run_server(cfg: TrainConfig, transport: StepTransport, *, progress: bo
                     "deadline": round(step_deadline, 5), "gather_seconds": round(t_gathered - t_gather, 5),
                     "control_seconds": round(t_params - t_step, 5), "params_seconds": round(t_gather - t_params, 5),
                     "lost_chunks": int(report.lost_chunks), "chunks": int(report.chunks),  # numpy ints
-                    "lost_gradients": int(np.sum(report.delivered == 0)), "missing_workers": missing}) + "\n")
+                    "lost_gradients": int(np.sum(report.delivered == 0)), "missing_workers": missing,
+                    **step_events}) + "\n")
                 if now - flushed >= 1.0:
                     step_log.flush()
                     flushed = now
@@ -251,7 +267,7 @@ async def run_server(cfg: TrainConfig, transport: StepTransport, *, progress: bo
         accuracy=float(final["accuracy"]), loss=float(final["loss"]), steps=cfg.steps, wall_seconds=wall,
         steps_per_second=done / wall if wall > 0 else 0.0,
         lost_chunk_fraction=lost_chunks / chunks if chunks else 0.0, lost_gradients=lost_grads,
-        rejected_datagrams=rejected, config=cfg.to_dict(), history=history,
+        rejected_datagrams=rejected, config=cfg.to_dict(), history=history, **events.totals(),
         resumed_from=start, checkpoints_skipped=[[st, why] for st, why in checkpoints.skipped],
         missing_workers=missing_total, max_missing_workers=missing_max)
     counters = getattr(transport, "fault_counters", None)

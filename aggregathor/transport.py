@@ -23,26 +23,154 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+from lossympi._core import REJECT_REASONS
 
-__all__ = ["GatherReport", "LossympiTransport", "ServerGone", "StepTransport", "decode_meta", "encode_meta"]
+__all__ = ["GatherReport", "HUGE_NORM_FACTOR", "LossympiTransport", "ProtocolEvents", "ServerGone", "StepTransport",
+           "decode_meta", "encode_meta", "row_health"]
 
 META_LIMIT = 4096
+#: A gradient row whose L2 norm exceeds this many times the step's median row norm is counted as ``huge``.
+HUGE_NORM_FACTOR = 100.0
 
 
 @dataclass
 class GatherReport:
-    """What the server got from the workers in one step."""
+    """What the server got from the workers in one step.
+
+    The protocol counters (``rejected_by_sender``, ``stale``, ``pool_drops``, ``duplicates``) cover what the
+    server's endpoint saw since the previous report, so every event is counted in exactly one step. Transports
+    that do not track one leave it empty (or None).
+    """
 
     delivered: np.ndarray  # (n,) fraction of each worker's gradient that arrived
     lost_chunks: int = 0
     chunks: int = 0
     elapsed: float = 0.0
     complete_elapsed: list[float] = field(default_factory=list)  # arrival time of complete gradients
-    rejected: int = 0
+    rejected: int = 0  # datagrams (or frames) refused
+    #: refused datagrams by the rank that really sent them ("unknown": no rank's address), then by reason
+    rejected_by_sender: dict[str, dict[str, int]] = field(default_factory=dict)
+    stale: np.ndarray | None = None  # (n,) authentic datagrams of closed messages (replays, late chunks)
+    pool_drops: np.ndarray | None = None  # (n,) authentic early datagrams dropped: the sender's pool share was full
+    duplicates: np.ndarray | None = None  # (n,) datagrams of a chunk already received, this step's messages
+    #: worker rank -> element mask, for the rows that arrived in part (what is not in the mask was filled)
+    masks: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def lost_fraction(self) -> float:
         return self.lost_chunks / self.chunks if self.chunks else 0.0
+
+
+def row_health(rows: np.ndarray, report: GatherReport) -> tuple[np.ndarray, np.ndarray]:
+    """Which gathered gradients are not finite, and every row's L2 norm, counting only what arrived.
+
+    Parameters
+    ----------
+    rows : ndarray
+        The ``(n, d)`` float rows of the workers (rank ``r`` in row ``r - 1``), after the fill.
+    report : GatherReport
+        The step's report: rows with ``delivered == 0`` are not judged; for a partial row, only the
+        elements of ``report.masks`` (when the transport gives them, else every element, NaN aside: the fill
+        may have written it) are.
+
+    Returns
+    -------
+    nonfinite : ndarray of bool, shape (n,)
+        True where an element that arrived is NaN or infinite.
+    norms : ndarray of float64, shape (n,)
+        L2 norm of the finite rows that arrived (in float64, so huge finite values do not overflow); NaN for
+        the others.
+    """
+    n = rows.shape[0]
+    nonfinite = np.zeros(n, bool)
+    norms = np.full(n, np.nan)
+    with np.errstate(all="ignore"):
+        sq = [float(np.dot(r, r)) for r in rows]  # fast float32 BLAS pass; anything suspicious is redone below
+    for i in range(n):
+        got = float(report.delivered[i])
+        if got <= 0.0:
+            continue
+        row = rows[i]
+        if got < 1.0:
+            mask = report.masks.get(i + 1)
+            row = row[mask] if mask is not None else row[~np.isnan(row)]
+        elif np.isfinite(sq[i]):
+            norms[i] = float(np.sqrt(sq[i]))
+            continue
+        if not np.all(np.isfinite(row)):
+            nonfinite[i] = True
+        else:
+            norms[i] = float(np.linalg.norm(row.astype(np.float64)))
+    return nonfinite, norms
+
+
+class ProtocolEvents:
+    """The server's tally of what the workers did at the protocol level, per step and for the whole run.
+
+    Per worker rank: rows that were not complete, rows with non-finite values, rows of a huge norm
+    (:data:`HUGE_NORM_FACTOR` times the step's median), replayed or late datagrams (``stale``), early
+    datagrams dropped for a full pool share, duplicates; and the refused datagrams by sender and reason.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.n = workers
+        zeros = dict.fromkeys((str(r) for r in range(1, workers + 1)), 0)
+        self.incomplete = dict(zeros)
+        self.nonfinite = dict(zeros)
+        self.huge = dict(zeros)
+        self.stale = dict(zeros)
+        self.pool_drops = dict(zeros)
+        self.duplicates = dict(zeros)
+        self.rejected_by_rank: dict[str, dict[str, int]] = {}
+        self.rejected_by_reason: dict[str, int] = {}
+
+    def observe(self, report: GatherReport, rows: np.ndarray) -> dict[str, Any]:
+        """Count one step (``rows``: the ``(n, d)`` worker rows, before aggregation); returns the step's
+        events, only the non-zero ones (for a per-step log)."""
+        nonfinite, norms = row_health(rows, report)
+        finite = norms[np.isfinite(norms)]
+        median = float(np.median(finite)) if finite.size else 0.0
+        huge = np.isfinite(norms) & (norms > HUGE_NORM_FACTOR * median) if median > 0 else np.zeros(self.n, bool)
+        step: dict[str, Any] = {}
+
+        def ranks(flags: np.ndarray, total: dict[str, int], key: str) -> None:
+            hit = [int(r) + 1 for r in np.flatnonzero(flags)]
+            for r in hit:
+                total[str(r)] += 1
+            if hit:
+                step[key] = hit
+
+        def counts(values: np.ndarray | None, total: dict[str, int], key: str) -> None:
+            if values is None:
+                return
+            hit = {str(r + 1): int(v) for r, v in enumerate(values) if v}
+            for r, v in hit.items():
+                total[r] += v
+            if hit:
+                step[key] = hit
+
+        ranks(np.asarray(report.delivered) < 1.0, self.incomplete, "incomplete")
+        ranks(nonfinite, self.nonfinite, "nonfinite")
+        ranks(huge, self.huge, "huge")
+        counts(report.stale, self.stale, "stale")
+        counts(report.pool_drops, self.pool_drops, "pool_drops")
+        counts(report.duplicates, self.duplicates, "duplicates")
+        if report.rejected_by_sender:
+            step["rejected"] = report.rejected_by_sender
+            for sender, by_reason in report.rejected_by_sender.items():
+                mine = self.rejected_by_rank.setdefault(sender, {})
+                for reason, k in by_reason.items():
+                    mine[reason] = mine.get(reason, 0) + k
+                    self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + k
+        return step
+
+    def totals(self) -> dict[str, Any]:
+        """The run's totals, as the extra fields of the run summary."""
+        return {"rejected_by_reason": dict(self.rejected_by_reason),
+                "rejected_by_rank": {k: dict(v) for k, v in self.rejected_by_rank.items()},
+                "incomplete_rows": dict(self.incomplete), "nonfinite_rows": dict(self.nonfinite),
+                "huge_rows": dict(self.huge), "stale_by_rank": dict(self.stale),
+                "pool_drops_by_rank": dict(self.pool_drops), "duplicates_by_rank": dict(self.duplicates)}
 
 
 class StepTransport(Protocol):
@@ -239,18 +367,32 @@ class LossympiTransport:
         res = await self.comm.aio.Gather(rows[0], rows, 0, deadline=deadline, fill=self.fill, tensor_id=2)
         n = self.size - 1
         delivered = np.ones(n)
-        lost = chunks = rejected = 0
+        duplicates = np.zeros(n, np.int64)
+        masks: dict[int, np.ndarray] = {}
+        lost = chunks = 0
         complete: list[float] = []
         for r, rr in res.results.items():
             delivered[r - 1] = rr.delivered
+            duplicates[r - 1] = rr.duplicate
             lost += rr.lost_chunks
             chunks += rr.chunk_mask.size
-            rejected += rr.rejected
             if rr.complete:
                 complete.append(rr.elapsed)
             elif rr.received == 0:
                 rows[r] = self.lost_row_fill  # missed the deadline entirely: a lost gradient
-        return GatherReport(delivered, lost, chunks, time.monotonic() - t0, complete, rejected)
+            else:
+                masks[r] = rr.element_mask()
+        now = self._counters()
+        assert self._seen is not None
+        rej, stale, drops = (b - a for a, b in zip(self._seen, now, strict=True))
+        self._seen = now
+        by_sender: dict[str, dict[str, int]] = {}
+        for sender, row in enumerate(rej):
+            if row.any():
+                by_sender["unknown" if sender == self.size else str(sender)] = {
+                    reason: int(k) for reason, k in zip(REJECT_REASONS, row, strict=True) if k}
+        return GatherReport(delivered, lost, chunks, time.monotonic() - t0, complete, int(rej.sum()), by_sender,
+                            stale, drops, duplicates, masks)
 
     def close(self) -> None:
         if self.rejoin_service is not None:

@@ -252,6 +252,7 @@ cdef class Core:
     cdef const uint8_t **cand_ptr   # datagrams of one recvmmsg batch that passed steps 1-4
     cdef uint32_t *cand_len
     cdef uint32_t *cand_src
+    cdef uint32_t *cand_frm         # index into raddrs of each candidate (who really sent it)
     # counters
     cdef readonly uint64_t datagrams
     cdef readonly uint64_t accepted
@@ -261,8 +262,11 @@ cdef class Core:
     cdef readonly uint64_t pooled
     cdef readonly int last_errno
     cdef uint64_t rejects[N_REASONS]
-    cdef uint64_t *rejected_src
+    cdef uint64_t *rejected_src     # by the rank the datagram claims (header src)
     cdef uint64_t *stale_src
+    cdef uint64_t *rejected_sender  # (nranks + 1) x N_REASONS: by the rank that really sent it; row nranks: unknown
+    cdef uint64_t *overflow_src
+    cdef int last_sender
 
     def __cinit__(self, int fd, int rank, int nranks, *, bint auth=True, int datagram_bytes=1472,
                   bint gso=False, int max_slots=1024, uint64_t unexpected_bytes=64 << 20,
@@ -286,6 +290,8 @@ cdef class Core:
         self.has_peer = <uint8_t *>calloc(nranks, 1)
         self.rejected_src = <uint64_t *>calloc(nranks, sizeof(uint64_t))
         self.stale_src = <uint64_t *>calloc(nranks, sizeof(uint64_t))
+        self.rejected_sender = <uint64_t *>calloc(<size_t>(nranks + 1) * N_REASONS, sizeof(uint64_t))
+        self.overflow_src = <uint64_t *>calloc(nranks, sizeof(uint64_t))
         self.nslots = max_slots
         self.slots = <Slot *>calloc(max_slots, sizeof(Slot))
         self.done_list = <int *>calloc(max_slots, sizeof(int))
@@ -313,6 +319,7 @@ cdef class Core:
         self.cand_ptr = <const uint8_t **>calloc(RECV_BATCH * (RECV_BUF // HEADER_BYTES), sizeof(uint8_t *))
         self.cand_len = <uint32_t *>calloc(RECV_BATCH * (RECV_BUF // HEADER_BYTES), sizeof(uint32_t))
         self.cand_src = <uint32_t *>calloc(RECV_BATCH * (RECV_BUF // HEADER_BYTES), sizeof(uint32_t))
+        self.cand_frm = <uint32_t *>calloc(RECV_BATCH * (RECV_BUF // HEADER_BYTES), sizeof(uint32_t))
         if (self.keys == NULL or self.has_key == NULL or self.peers == NULL or self.has_peer == NULL
                 or self.slots == NULL or self.done_list == NULL or self.fin_list == NULL or self.cm_keys == NULL
                 or self.cm_vals == NULL or self.pool == NULL or self.pool_used == NULL
@@ -321,7 +328,8 @@ cdef class Core:
                 or self.rmsgs == NULL or self.riov == NULL or self.rbufs == NULL
                 or self.rctrl == NULL or self.raddrs == NULL or self.rejected_src == NULL
                 or self.stale_src == NULL or self.cand_ptr == NULL or self.cand_len == NULL
-                or self.cand_src == NULL):
+                or self.cand_src == NULL or self.cand_frm == NULL or self.rejected_sender == NULL
+                or self.overflow_src == NULL):
             raise MemoryError("lossympi core: cannot allocate buffers (lower unexpected_bytes?)")
         for i in range(<int>self.pool_n):
             self.pool_free[i] = self.pool_n - 1 - i
@@ -338,7 +346,8 @@ cdef class Core:
         free(self.pool_tid); free(self.pool_tag); free(self.pool_free); free(self.pool_per_src)
         free(self.rmsgs); free(self.riov); free(self.rbufs); free(self.rctrl); free(self.raddrs)
         free(self.rejected_src); free(self.stale_src)
-        free(self.cand_ptr); free(self.cand_len); free(self.cand_src)
+        free(self.cand_ptr); free(self.cand_len); free(self.cand_src); free(self.cand_frm)
+        free(self.rejected_sender); free(self.overflow_src)
 
     # ------------------------------------------------------------------ configuration
     def set_key(self, int peer, bytes key):
@@ -376,6 +385,23 @@ cdef class Core:
     def stale_from(self, int peer):
         self._check_rank(peer)
         return int(self.stale_src[peer])
+
+    def overflow_from(self, int peer):
+        """Authenticated datagrams of ``peer`` dropped because its share of the unexpected pool was full."""
+        self._check_rank(peer)
+        return int(self.overflow_src[peer])
+
+    def rejects_by_sender(self):
+        """Rejected datagrams by the rank that really sent them, and by reason.
+
+        A list of ``nranks + 1`` lists of ``len(REJECT_REASONS)`` counts. Row ``r`` counts the datagrams that
+        came from rank ``r``'s registered address (or, for ``shape`` rejects, that authenticated as ``r``);
+        the last row those from an address that is no rank's. Unlike :meth:`rejected_from`, which trusts the
+        header's ``src``, a rank claiming another's identity is charged here, not its victim.
+        """
+        cdef int r, i
+        return [[int(self.rejected_sender[<size_t>r * N_REASONS + i]) for i in range(N_REASONS)]
+                for r in range(self.nranks + 1)]
 
     @property
     def pool_in_use(self):
@@ -435,10 +461,23 @@ cdef class Core:
         return int(self._cm_get(src, tid)) - 1
 
     # ------------------------------------------------------------------ receive path
-    cdef inline void _reject(self, int reason, int64_t src) noexcept nogil:
+    cdef int _sender_of(self, const lm_addr *frm) noexcept nogil:
+        """The rank whose registered address ``frm`` is, or ``nranks`` (unknown)."""
+        cdef int i = self.last_sender
+        if self.has_peer[i] and lm_addr_eq(frm, &self.peers[i]):
+            return i
+        for i in range(self.nranks):
+            if self.has_peer[i] and lm_addr_eq(frm, &self.peers[i]):
+                self.last_sender = i
+                return i
+        return self.nranks
+
+    cdef inline void _reject(self, int reason, int64_t src, int sender) noexcept nogil:
+        """Count a drop: ``src`` is the rank the header claims (-1: none), ``sender`` the one that sent it."""
         self.rejects[reason] += 1
         if src >= 0:
             self.rejected_src[src] += 1
+        self.rejected_sender[<size_t>sender * N_REASONS + reason] += 1
 
     cdef int _find_slot(self, uint32_t src, uint64_t tag, uint32_t tid) noexcept nogil:
         cdef int i = self.last_hit
@@ -461,7 +500,7 @@ cdef class Core:
         cdef uint64_t expect
         if d[1] == KIND_FIN:
             if d[2] != sl.dtype or count != sl.count or stride != sl.stride:
-                self._reject(R_SHAPE, sl.src)
+                self._reject(R_SHAPE, sl.src, sl.src)
                 return
             self.fins += 1
             if not sl.fin and sl.state == 1:
@@ -470,14 +509,14 @@ cdef class Core:
                 self.nfin += 1
             return
         if d[2] != sl.dtype or count != sl.count or stride != sl.stride or index >= count:
-            self._reject(R_SHAPE, sl.src)
+            self._reject(R_SHAPE, sl.src, sl.src)
             return
         if index + 1 < count:
             expect = stride
         else:
             expect = sl.nbytes - <uint64_t>stride * (count - 1)
         if plen != expect:
-            self._reject(R_SHAPE, sl.src)
+            self._reject(R_SHAPE, sl.src, sl.src)
             return
         if sl.bitmap[index >> 3] & (1 << (index & 7)):
             sl.dup += 1
@@ -499,6 +538,7 @@ cdef class Core:
         cdef uint32_t e
         if L > self.pool_entry or self.pool_nfree == 0 or self.pool_per_src[src] >= self.pool_quota:
             self.overflow += 1
+            self.overflow_src[src] += 1
             return
         self.pool_nfree -= 1
         e = self.pool_free[self.pool_nfree]
@@ -547,28 +587,28 @@ cdef class Core:
         cdef uint32_t src, plen, maclen
         self.datagrams += 1
         if L < HEADER_BYTES:
-            self._reject(R_SHORT, -1)
+            self._reject(R_SHORT, -1, self._sender_of(frm))
             return -1
         if d[0] != VERSION or (d[1] != KIND_DATA and d[1] != KIND_FIN) or (d[3] & ~FLAG_MAC) != 0:
-            self._reject(R_HEADER, -1)
+            self._reject(R_HEADER, -1, self._sender_of(frm))
             return -1
         src = lm_ld32(d + 4)
         if src >= <uint32_t>self.nranks:
-            self._reject(R_RANK, -1)
+            self._reject(R_RANK, -1, self._sender_of(frm))
             return -1
         if self.check_address and self.has_peer[src] and not lm_addr_eq(frm, &self.peers[src]):
-            self._reject(R_RANK, src)
+            self._reject(R_RANK, src, self._sender_of(frm))
             return -1
         plen = lm_ld16(d + 28)
         maclen = MAC_BYTES if (d[3] & FLAG_MAC) else 0
         if d[1] == KIND_FIN and plen != 0:
-            self._reject(R_HEADER, -1)
+            self._reject(R_HEADER, -1, self._sender_of(frm))
             return -1
         if HEADER_BYTES + plen + maclen != L:
-            self._reject(R_SIZE, src)
+            self._reject(R_SIZE, src, self._sender_of(frm))
             return -1
         if self.auth and (maclen == 0 or not self.has_key[src]):
-            self._reject(R_MAC, src)
+            self._reject(R_MAC, src, self._sender_of(frm))
             return -1
         return src
 
@@ -622,7 +662,7 @@ cdef class Core:
                 if lm_ct_equal(macs[j], self.cand_ptr[i + j] + L - MAC_BYTES, MAC_BYTES):
                     self._dispatch(self.cand_ptr[i + j], L, self.cand_src[i + j])
                 else:
-                    self._reject(R_MAC, self.cand_src[i + j])
+                    self._reject(R_MAC, self.cand_src[i + j], self._sender_of(&self.raddrs[self.cand_frm[i + j]]))
             i += k
 
     cdef int _progress(self, int budget) noexcept nogil:
@@ -656,14 +696,14 @@ cdef class Core:
                 buf = self.rbufs + <size_t>i * RECV_BUF
                 if h.msg_flags & MSG_TRUNC:
                     self.datagrams += 1
-                    self._reject(R_SIZE, -1)
+                    self._reject(R_SIZE, -1, self._sender_of(&self.raddrs[i]))
                     continue
                 seg = lm_msg_gro_size(h)
                 if seg <= 0 or <uint32_t>seg > L:
                     seg = L
                 if L == 0:
                     self.datagrams += 1
-                    self._reject(R_SHORT, -1)
+                    self._reject(R_SHORT, -1, self._sender_of(&self.raddrs[i]))
                     continue
                 off = 0
                 while off < L:
@@ -675,6 +715,7 @@ cdef class Core:
                         self.cand_ptr[nc] = buf + off
                         self.cand_len[nc] = sl
                         self.cand_src[nc] = <uint32_t>src
+                        self.cand_frm[nc] = <uint32_t>i
                         nc += 1
                     off += sl
             self._verify_and_dispatch(nc)

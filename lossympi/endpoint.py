@@ -420,8 +420,8 @@ class Endpoint:
                   commit: bool = True) -> int:
         if tag is None:
             tag = table.get((peer, tid), 0)
-        if tag < 0 or tag >= 1 << 64:
-            raise ValueError(f"tag {tag} must be in [0, 2**64)")
+        if tag < 0 or tag >= (1 << 64) - 1:  # 2**64 - 1 is reserved: the completed-tag map stores tag + 1
+            raise ValueError(f"tag {tag} must be in [0, 2**64 - 1)")
         if commit:
             table[(peer, tid)] = tag + 1
         return tag
@@ -467,12 +467,15 @@ class Endpoint:
         flat = out.reshape(-1).view(np.uint8)
         count = _core.chunk_count(flat.size, self.stride)
         bitmap = np.zeros((count + 7) // 8, np.uint8)
+        # Counters before the post: datagrams that waited in the pool for this message and fail its shape
+        # check are rejected during the post, and belong to this receive's report.
+        stale0, rejected0 = self.core.stale_from(peer), self.core.rejected_from(peer)
         slot = self.core.post(peer, tag, tensor_id, flat, bitmap, code, out)
         # Only a successful post consumes the tag (a refused one must not shift the auto numbering).
         self._recv_tags[(peer, tensor_id)] = tag + 1
         fut = loop.create_future()
-        p = _Pending(fut, slot, peer, tag, tensor_id, out, flat, bitmap, count, policy, now,
-                     self.core.stale_from(peer), self.core.rejected_from(peer), deadline)
+        p = _Pending(fut, slot, peer, tag, tensor_id, out, flat, bitmap, count, policy, now, stale0, rejected0,
+                     deadline)
         self._pending[slot] = p
         fut.add_done_callback(lambda f, s=slot: self._cancelled(s) if f.cancelled() else None)
         if self.core.is_complete(slot):
@@ -602,9 +605,22 @@ class Endpoint:
         return {
             "datagrams": c.datagrams, "accepted": c.accepted, "duplicates": c.duplicates,
             "stale": c.stale, "overflow": c.overflow, "pooled": c.pooled, "pool_in_use": c.pool_in_use,
-            "rejected": c.rejects_by_reason(), "gso": self.gso, "gro": self.gro, "auth": self.auth,
+            "rejected": c.rejects_by_reason(),
+            "rejected_by_sender": self.rejects_by_sender(), "gso": self.gso, "gro": self.gro, "auth": self.auth,
             "rcvbuf": self.rcvbuf, "sndbuf": self.sndbuf, "last_errno": errno.errorcode.get(c.last_errno),
         }
+
+    def rejects_by_sender(self) -> dict[str, dict[str, int]]:
+        """Rejected datagrams by the rank that really sent them (its registered address; for ``shape``
+        rejects, its MAC), then by reason; only non-zero counts. Key ``"unknown"``: from an address that is
+        no rank's. A rank that claims another's rank in its headers is charged here, not its victim.
+        """
+        out: dict[str, dict[str, int]] = {}
+        for r, row in enumerate(self.core.rejects_by_sender()):
+            counts = {reason: n for reason, n in zip(_core.REJECT_REASONS, row, strict=True) if n}
+            if counts:
+                out["unknown" if r == self.size else str(r)] = counts
+        return out
 
     def close(self) -> None:
         """Cancel pending receives, stop reading the socket and close it."""
