@@ -131,6 +131,7 @@ class RunSummary:
     checkpoints_skipped: list[list[Any]] = field(default_factory=list)  # [step, why] of unusable checkpoints
     missing_workers: int = 0  # worker-steps without a live worker (summed over the steps of this server)
     max_missing_workers: int = 0
+    skipped_updates: int = 0  # steps whose aggregate was not finite: the model was left as it was
     rejoins: int = 0  # workers that reconnected after their link died
     control_rejects: dict[str, int] = field(default_factory=dict)  # refused control connections by reason
     control_link_failures: dict[str, int] = field(default_factory=dict)  # lost worker links by reason
@@ -204,6 +205,7 @@ async def run_server(cfg: TrainConfig, transport: StepTransport, *, progress: bo
     last_eval: dict[str, Any] = {}
     missing_workers = getattr(transport, "missing_workers", lambda: [])  # elastic transports (crash faults)
     missing_total = missing_max = 0
+    skipped_updates = 0
     try:
         for step in range(start, cfg.steps):
             t_step = time.monotonic()
@@ -226,7 +228,9 @@ async def run_server(cfg: TrainConfig, transport: StepTransport, *, progress: bo
             lost_grads += int(np.sum(report.delivered == 0))
             step_events = events.observe(report, rows[1:])
             g = rule(rows[1:])
-            if not bool(tf.reduce_all(tf.math.is_finite(g))):
+            skipped = not bool(tf.reduce_all(tf.math.is_finite(g)))
+            if skipped:  # e.g. more than f rows lost (NaN-filled) or non-finite: the model is not touched
+                skipped_updates += 1
                 log.warning("step %d: the aggregate is not finite (rule %s); update skipped", step, cfg.gar)
             else:
                 flat.apply(g)
@@ -239,7 +243,7 @@ async def run_server(cfg: TrainConfig, transport: StepTransport, *, progress: bo
                     "control_seconds": round(t_params - t_step, 5), "params_seconds": round(t_gather - t_params, 5),
                     "lost_chunks": int(report.lost_chunks), "chunks": int(report.chunks),  # numpy ints
                     "lost_gradients": int(np.sum(report.delivered == 0)), "missing_workers": missing,
-                    **step_events}) + "\n")
+                    **({"update_skipped": True} if skipped else {}), **step_events}) + "\n")
                 if now - flushed >= 1.0:
                     step_log.flush()
                     flushed = now
@@ -274,7 +278,8 @@ async def run_server(cfg: TrainConfig, transport: StepTransport, *, progress: bo
         lost_chunk_fraction=lost_chunks / chunks if chunks else 0.0, lost_gradients=lost_grads,
         rejected_datagrams=rejected, config=cfg.to_dict(), history=history, **events.totals(),
         resumed_from=start, checkpoints_skipped=[[st, why] for st, why in checkpoints.skipped],
-        missing_workers=missing_total, max_missing_workers=missing_max)
+        missing_workers=missing_total, max_missing_workers=missing_max,
+        skipped_updates=skipped_updates)
     counters = getattr(transport, "fault_counters", None)
     if counters is not None:
         faults = counters()

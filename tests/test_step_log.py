@@ -66,3 +66,14 @@ def test_cli_has_step_log_and_no_step_log_flags():
     assert _config(parser.parse_args(["train"])).step_log is True
     assert _config(parser.parse_args(["train", "--no-step-log"])).step_log is False
     assert _config(parser.parse_args(["train", "--step-log"])).step_log is True
+
+
+def test_a_non_finite_aggregate_skips_the_update_and_is_counted(tmp_path):
+    """Averaging a NaN row gives NaN: the server leaves the model as it was and counts the step."""
+    cfg = TrainConfig.from_dict(dict(launcher="simulate", gar="average", workers=3, f=1, byzantine=1, attack="nan",
+                                     loss=0.0, steps=4, eval_every=4, checkpoint_every=0,
+                                     run_dir=str(tmp_path / "run")))
+    summary = launch(cfg, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert summary.skipped_updates == 4 and all(r.get("update_skipped") for r in rows)
+    assert all(r["nonfinite"] == [3] for r in rows)  # and the offending rank is named
