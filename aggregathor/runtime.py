@@ -200,6 +200,10 @@ async def run_server(cfg: TrainConfig, transport: StepTransport, *, progress: bo
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.gar} n={n} f={cfg.f}", unit="step", leave=True)
+    # Compile the rule and trace the update before the first step (they took step 0 over 2 s): the rule is pure,
+    # and tracing creates the optimizer's slots without applying anything.
+    rule(rows[1:])
+    flat.apply.get_concrete_function(tf.TensorSpec([d], tf.float32))
     await transport.control({"ready": True})  # every worker has traced its functions: steps start together
     t0 = time.monotonic()
     last_eval: dict[str, Any] = {}
