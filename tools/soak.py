@@ -21,11 +21,13 @@ Every ``--interval`` seconds the tool samples each rank process: RSS (``VmRSS`` 
 file descriptors (``/proc/<pid>/fd``), sockets among them, threads. Afterwards it reads the server's
 ``<run_dir>/steps.jsonl`` (one row per step) and checks
 
-- ``steps``: every step (after the first ``--skip-steps``: step 0 traces the server's update function) took at
-  most its gather deadline plus ``--slack`` seconds. The step also broadcasts the step number (``control_seconds``
-  in ``steps.jsonl``: lossympi's control broadcast first collects every worker's call, so it waits for the slowest
-  worker to finish its previous step), the parameters (``params_seconds``) and runs the rule and the update: the
-  slack covers those, and the report gives each phase's percentiles and the late steps' phases;
+- ``steps``: two bounds, both required. (1) *Bounded*: every step (after the first ``--skip-steps``) took at most
+  what the server allows it, the wait for the workers' ready messages (capped at ``--deadline``,
+  ``control_seconds`` in ``steps.jsonl``) plus its gather deadline, plus ``--slack`` for sending the parameters
+  and running the rule and the update. (2) *Steady*: after the warm-up (the same as for memory), every step took
+  at most its gather deadline plus ``--slack``: nobody was waited for. Steps of the warm-up over that second
+  bound are reported (``warmup_over_deadline_plus_slack``), with each phase's percentiles and the late steps'
+  phases;
 - ``memory``: after the warm-up, per process, the median RSS of the last window exceeds that of the first window by
   at most ``--max-rss-growth`` (10 %);
 - ``fds`` / ``sockets`` / ``threads``: after the warm-up, per process, the last window's median is not above the
@@ -241,18 +243,31 @@ def _pcts(values: list[float]) -> dict[str, float]:
 PHASES = ("control_seconds", "params_seconds", "gather_seconds")  # parts of a step the server logs
 
 
-def check_steps(rows: list[dict[str, Any]], slack: float, skip: int, f: int) -> dict[str, Any]:
-    """The step-duration verdict over ``rows[skip:]`` (the server's first step traces its update function), and
-    summaries of where the time went and what was lost."""
+def check_steps(rows: list[dict[str, Any]], slack: float, skip: int, f: int, ready_cap: float,
+                warmup_s: float) -> dict[str, Any]:
+    """The step-duration verdicts over ``rows[skip:]`` (see the module notes: every step within what the server
+    allows it, ``ready_cap`` + its gather deadline + ``slack``; after ``warmup_s`` seconds, within its gather
+    deadline + ``slack``), and summaries of where the time went and what was lost."""
     checked = rows[skip:] or rows
-    over = [r for r in checked if r["seconds"] > r["deadline"] + slack]
+    unbounded = [r for r in checked if r["seconds"] > ready_cap + r["deadline"] + slack]
+    late = [r for r in checked if r["seconds"] > r["deadline"] + slack]
+    over = [r for r in late if r["wall"] >= warmup_s]
+    warm = [r for r in late if r["wall"] < warmup_s]
     worst = max(checked, key=lambda r: r["seconds"] - r["deadline"])
+    steady = [r for r in checked if r["wall"] >= warmup_s] or checked
+    worst_steady = max(steady, key=lambda r: r["seconds"] - r["deadline"])
     keys = ("step", "wall", "seconds", "deadline", *[k for k in PHASES if k in worst])
     chunks = sum(r["chunks"] for r in rows)
     out: dict[str, Any] = {
-        "ok": not over, "slack_s": slack, "steps": len(rows), "checked_from_step": checked[0]["step"],
+        "ok": not over and not unbounded, "bounded_ok": not unbounded, "steady_ok": not over,
+        "slack_s": slack, "ready_cap_s": ready_cap, "warmup_s": warmup_s,
+        "steps": len(rows), "checked_from_step": checked[0]["step"],
         "not_checked": [{k: r.get(k) for k in keys} for r in rows[:skip]],
+        "over_bound": len(unbounded),
         "over_deadline_plus_slack": len(over),
+        "warmup_over_deadline_plus_slack": [{k: r.get(k) for k in keys} for r in warm[:20]],
+        "worst_after_warmup": {k: worst_steady[k] for k in keys}
+        | {"excess_s": round(worst_steady["seconds"] - worst_steady["deadline"], 4)},
         "worst": {k: worst[k] for k in keys} | {"excess_s": round(worst["seconds"] - worst["deadline"], 4)},
         "first_late": [{k: r.get(k) for k in keys} for r in over[:10]],
         "seconds": _pcts([r["seconds"] for r in checked]),
@@ -270,6 +285,40 @@ def check_steps(rows: list[dict[str, Any]], slack: float, skip: int, f: int) -> 
         "steps_at_full_deadline": sum(r["gather_seconds"] >= r["deadline"] for r in rows),
     }
     return out
+
+
+def step_problems(st: dict[str, Any]) -> list[str]:
+    """The step verdicts' failures, in words."""
+    out = []
+    if not st["bounded_ok"]:
+        out.append(f"{st['over_bound']} step(s) over the ready-wait cap ({st['ready_cap_s']} s) + gather deadline + "
+                   f"{st['slack_s']} s")
+    if not st["steady_ok"]:
+        w = st["worst_after_warmup"]
+        out.append(f"{st['over_deadline_plus_slack']} step(s) after the warm-up over gather deadline + "
+                   f"{st['slack_s']} s; worst: step {w['step']} took {w['seconds']} s, deadline {w['deadline']} s")
+    return out
+
+
+def reanalyze(path: Path) -> int:
+    """Recompute the step verdicts of a soak report from its run's ``steps.jsonl`` (the process samples are kept)."""
+    report = json.loads(path.read_text())
+    old = report["steps"]
+    rows = read_steps(Path(report["config"]["run_dir"]) / "steps.jsonl")
+    warmup = report["watch"]["warmup_s"]
+    report["steps"] = check_steps(rows, old["slack_s"], old["checked_from_step"], report["config"]["f"],
+                                  report["config"]["deadline"], warmup)
+    for k in ("updates_skipped_not_finite",):
+        if k in old:
+            report["steps"][k] = old[k]
+    report["verdicts"]["steps"] = report["steps"]["ok"]
+    report["ok"] = all(report["verdicts"].values())
+    report["problems"] = [p for p in report.get("problems", []) if "step(s)" not in p] + step_problems(report["steps"])
+    report["reanalyzed"] = {"command": shlex.join(["python", "tools/soak.py", "--reanalyze", str(path)]),
+                            "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
+    _write(path, report)
+    log(f"steps: {'ok' if report['steps']['ok'] else 'FAILED'}; overall: {'ok' if report['ok'] else 'FAILED'}")
+    return 0 if report["ok"] else 1
 
 
 def check_processes(samples: list[dict[str, Any]], size: int, origin: float, end: float, warmup: float,
@@ -405,6 +454,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--window-minutes", type=float, default=None,
                     help="first/last windows compared (default: a fifth of the time after the warm-up)")
     ap.add_argument("--slack", type=float, default=0.5, help="seconds a step may exceed its gather deadline")
+    ap.add_argument("--reanalyze", default=None, metavar="REPORT_JSON",
+                    help="only recompute the step verdicts of an earlier report from its run's steps.jsonl")
     ap.add_argument("--skip-steps", type=int, default=1,
                     help="first steps left out of the step check (the server traces its update function in step 0)")
     ap.add_argument("--max-rss-growth", type=float, default=0.10)
@@ -446,6 +497,8 @@ def run_job(args: argparse.Namespace, cfg: dict[str, Any], cluster: Any, interva
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.reanalyze:
+        return reanalyze(Path(args.reanalyze))
     reproduce.quiet_tensorflow()
     started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     base = Path(args.run_dir)
@@ -519,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     report["training_minutes"] = round(end / 60, 2)
     report["watch"] = {"interval_s": args.interval, "warmup_s": round(warmup, 1), "window_s": round(window, 1),
                        "training_s": round(end, 1)}
-    report["steps"] = check_steps(rows, args.slack, args.skip_steps, args.f)
+    report["steps"] = check_steps(rows, args.slack, args.skip_steps, args.f, args.deadline, warmup)
     with contextlib.suppress(OSError):
         log_text = (Path(cfg["run_dir"]) / "logs" / "rank0.log").read_text(errors="replace")
         report["steps"]["updates_skipped_not_finite"] = log_text.count("the aggregate is not finite")
@@ -529,11 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     report["verdicts"] = verdicts
     report["ok"] = all(verdicts.values())
     report["problems"] = procs["problems"] + ([f"the run: {job.error}"] if job.error else [])
-    if not report["steps"]["ok"]:
-        w = report["steps"]["worst"]
-        report["problems"].append(f"{report['steps']['over_deadline_plus_slack']} step(s) over deadline + "
-                                  f"{args.slack} s; worst: step {w['step']} took {w['seconds']} s, deadline "
-                                  f"{w['deadline']} s")
+    report["problems"] += step_problems(report["steps"])
     report["max_rss_growth"] = procs["max_rss_growth"]
     report["per_rank"] = procs["per_rank"]
     ps = series(job.samples, 0, job.origin)
