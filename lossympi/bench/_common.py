@@ -1,7 +1,10 @@
-"""Helpers shared by the benchmarks: host description, statistics, tables, progress messages."""
+"""Helpers shared by the benchmarks: the command line, host description, statistics, tables, progress messages."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import json
 import os
 import platform
 import shlex
@@ -10,7 +13,7 @@ import socket
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -22,6 +25,7 @@ __all__ = [
     "log",
     "median",
     "parse_rates",
+    "run_cli",
     "set_quiet",
     "table",
 ]
@@ -40,9 +44,54 @@ def log(msg: str) -> None:
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def command_line(argv: Sequence[str]) -> str:
-    """The shell command that reproduces a run of ``python -m lossympi.bench`` with ``argv``."""
-    return " ".join(["python", "-m", "lossympi.bench", *(shlex.quote(a) for a in argv)])
+def command_line(argv: Sequence[str], package: str = "lossympi.bench") -> str:
+    """The shell command that reproduces a run of ``python -m <package>`` with ``argv``."""
+    return " ".join(["python", "-m", package, *(shlex.quote(a) for a in argv)])
+
+
+def run_cli(package: str, description: str, subcommands: Mapping[str, str], argv: Sequence[str] | None = None) -> int:
+    """The ``python -m <package>`` command of a benchmark package (``lossympi.bench``, ``aggregathor.bench``).
+
+    Each subcommand is a module (``subcommands``: name -> module, imported to build the parser) that defines
+    ``HELP`` (one line), ``add_arguments(parser)``, optionally ``check_arguments(args)`` (raises ``ValueError``:
+    reported as a usage error, status 2, before anything runs), ``run(args) -> dict`` (JSON-serialisable) and
+    ``render(result) -> str`` (the table printed without ``--json``). ``--json`` and ``--quiet`` are added to
+    every one. The result gets ``command`` (the shell command that reproduces it) and ``argv``.
+
+    Returns the exit status: 0, or 1 when the result lists ``failed`` measurements (printed anyway) or stdout
+    was closed early.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog=f"python -m {package}", description=description)
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="SUBCOMMAND")
+    parsers: dict[str, argparse.ArgumentParser] = {}
+    modules = {name: importlib.import_module(module) for name, module in subcommands.items()}
+    for name, mod in modules.items():
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        mod.add_arguments(p)
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of a table")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+        parsers[name] = p
+    args = parser.parse_args(argv)
+    set_quiet(args.quiet)
+    mod = modules[args.bench]
+    check = getattr(mod, "check_arguments", None)
+    if check is not None:
+        try:
+            check(args)
+        except ValueError as exc:
+            parsers[args.bench].error(str(exc))  # exits with status 2
+    result = mod.run(args)
+    result["command"] = command_line(argv, package)
+    result["argv"] = argv
+    text = json.dumps(result, indent=2) if args.json else mod.render(result)
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. piped into `head`
+        return 1
+    return 1 if result.get("failed") else 0
 
 
 def median(values: Iterable[float | None]) -> float | None:
