@@ -148,7 +148,49 @@ class _Peer:
         self.to_row = False  # the current frame's payload goes to the row (else it is read and discarded)
 
 
-class TCPTransport:
+class _ControlStar:
+    """What the TCP and gRPC baselines share: rank 0's star of authenticated control links
+    (:class:`~lossympi.control.TCPControl`), data keys derived from the pair keys under ``label``, the step
+    messages, and a set-up (:meth:`_serve` on rank 0, :meth:`_join` on a worker) run once by :meth:`connect`."""
+
+    def __init__(self, world: Any, label: bytes, *, lost_row_fill: float, control_timeout: float,
+                 stall_timeout: float) -> None:
+        from lossympi.control import TCPControl
+
+        self.rank = world.rank
+        self.size = world.size
+        self.host = world.addresses[0][0]
+        self.keys = {r: _subkey(k, label) for r, k in world.keys.items()}
+        self.ctl = TCPControl(world.rank, world.size, world.addresses, world.keys, world.control,
+                              timeout=control_timeout)
+        self.lost_row_fill = lost_row_fill
+        self.control_timeout = control_timeout
+        self.stall_timeout = stall_timeout
+        self.rejected = 0
+        self._round = -1
+        self._ready: asyncio.Future | None = None
+
+    async def connect(self) -> None:
+        """Form the control star and the data connections (idempotent; every exchange calls it)."""
+        if self.size == 1:
+            return
+        if self._ready is None:
+            self._ready = asyncio.ensure_future(self._serve() if self.rank == 0 else self._join())
+        await asyncio.shield(self._ready)
+
+    async def _serve(self) -> None:
+        raise NotImplementedError
+
+    async def _join(self) -> None:
+        raise NotImplementedError
+
+    async def control(self, meta: dict[str, Any] | None) -> dict[str, Any]:
+        await self.connect()
+        data = await self.ctl.bcast_bytes(encode_meta(meta) if self.rank == 0 and meta is not None else None)
+        return decode_meta(data)
+
+
+class TCPTransport(_ControlStar):
     """Raw TCP star at rank 0 (see the module notes).
 
     Parameters
@@ -166,38 +208,19 @@ class TCPTransport:
 
     def __init__(self, world: Any, *, lost_row_fill: float = 0.0, control_timeout: float = 120.0,
                  stall_timeout: float = 60.0, handshake_timeout: float = 10.0) -> None:
-        from lossympi.control import TCPControl
-
-        self.rank = world.rank
-        self.size = world.size
-        self.host = world.addresses[0][0]
-        self.keys = {r: _subkey(k, _TCP_KEY) for r, k in world.keys.items()}
-        self.ctl = TCPControl(world.rank, world.size, world.addresses, world.keys, world.control,
-                              timeout=control_timeout)
-        self.lost_row_fill = lost_row_fill
-        self.control_timeout = control_timeout
-        self.stall_timeout = stall_timeout
+        super().__init__(world, _TCP_KEY, lost_row_fill=lost_row_fill, control_timeout=control_timeout,
+                         stall_timeout=stall_timeout)
         self.handshake_timeout = handshake_timeout
         self.data_port: int | None = None
-        self.rejected = 0  # frames refused (wrong size, dtype or kind), all rounds
+        # self.rejected: frames refused (wrong size, dtype or kind), all rounds
         self.rejected_connections = 0  # data connections that failed the handshake
-        self._round = -1
         self._peers: dict[int, _Peer] = {}
         self._watched: set[int] = set()
         self._sock: socket.socket | None = None  # a worker's data connection
         self._send: asyncio.Future | None = None  # a worker's gradient on its way
-        self._ready: asyncio.Future | None = None
         self._scratch = bytearray(1 << 16)
 
     # ------------------------------------------------------------------ set-up
-    async def connect(self) -> None:
-        """Form the control star and the data connections (idempotent; every exchange calls it)."""
-        if self.size == 1:
-            return
-        if self._ready is None:
-            self._ready = asyncio.ensure_future(self._serve() if self.rank == 0 else self._join())
-        await asyncio.shield(self._ready)
-
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -303,9 +326,7 @@ class TCPTransport:
 
     # ------------------------------------------------------------------ the step
     async def control(self, meta: dict[str, Any] | None) -> dict[str, Any]:
-        await self.connect()
-        data = await self.ctl.bcast_bytes(encode_meta(meta) if self.rank == 0 and meta is not None else None)
-        out = decode_meta(data)
+        out = await super().control(meta)
         if self.rank != 0 and out.get("stop") and self._send is not None:
             self._send.cancel()  # a last gradient that nobody will read
             await asyncio.gather(self._send, return_exceptions=True)
@@ -577,7 +598,7 @@ class _Window:
     got: dict[int, float] = field(default_factory=dict)
 
 
-class GrpcTransport:
+class GrpcTransport(_ControlStar):
     """gRPC baseline: rank 0 serves ``Params`` and ``Push`` (see the module notes).
 
     Parameters are those of :class:`TCPTransport`, plus ``max_message_bytes``: the largest message either end
@@ -586,22 +607,11 @@ class GrpcTransport:
 
     def __init__(self, world: Any, *, lost_row_fill: float = 0.0, control_timeout: float = 120.0,
                  stall_timeout: float = 60.0, max_message_bytes: int = 256 << 20) -> None:
-        from lossympi.control import TCPControl
-
-        self.rank = world.rank
-        self.size = world.size
-        self.host = world.addresses[0][0]
-        self.keys = {r: _subkey(k, _GRPC_KEY) for r, k in world.keys.items()}
-        self.ctl = TCPControl(world.rank, world.size, world.addresses, world.keys, world.control,
-                              timeout=control_timeout)
-        self.lost_row_fill = lost_row_fill
-        self.control_timeout = control_timeout
-        self.stall_timeout = stall_timeout
+        super().__init__(world, _GRPC_KEY, lost_row_fill=lost_row_fill, control_timeout=control_timeout,
+                         stall_timeout=stall_timeout)
         self.max_message_bytes = int(max_message_bytes)
         self.port: int | None = None
-        self.rejected = 0  # calls refused (authentication, size, dtype, round), all rounds
-        self._round = -1
-        self._ready: asyncio.Future | None = None
+        # self.rejected: calls refused (authentication, size, dtype, round), all rounds
         # rank 0's state, shared with the gRPC handler threads
         self._cond = threading.Condition()
         self._published = -1
@@ -624,13 +634,6 @@ class GrpcTransport:
                 ("grpc.enable_http_proxy", 0)]
 
     # ------------------------------------------------------------------ set-up
-    async def connect(self) -> None:
-        if self.size == 1:
-            return
-        if self._ready is None:
-            self._ready = asyncio.ensure_future(self._serve() if self.rank == 0 else self._join())
-        await asyncio.shield(self._ready)
-
     async def _serve(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -756,11 +759,6 @@ class GrpcTransport:
         h = hmac.new(self.keys[0], label + _U32.pack(self.rank), hashlib.sha256)
         h.update(request)
         return h.hexdigest()
-
-    async def control(self, meta: dict[str, Any] | None) -> dict[str, Any]:
-        await self.connect()
-        data = await self.ctl.bcast_bytes(encode_meta(meta) if self.rank == 0 and meta is not None else None)
-        return decode_meta(data)
 
     async def params(self, theta: np.ndarray, timeout: float) -> float:
         """Reliable: every worker pulls every byte (``timeout`` is not used; see ``stall_timeout``)."""
