@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -211,6 +211,17 @@ class Star:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _sender_gathers(star: Star) -> Iterator[dict[str, Any]]:
+    """A sender's side of :func:`_root_loop`: each gather's command, once the root said go; ends at ``stop``."""
+    while True:
+        cmd = star.bcast()
+        if cmd["op"] != "gather":
+            return
+        star.gather("ready")
+        star.bcast()  # go
+        yield cmd
+
+
 def _root_loop(orch: Orchestrator, star: Star, rows: np.ndarray, own: np.ndarray,
                gather_once: Callable[[dict[str, Any], Callable[[], None]], dict[str, Any]],
                hello: dict[str, Any]) -> None:
@@ -287,12 +298,7 @@ def tcp_main(args: argparse.Namespace) -> None:
         data.sendall(_LEN.pack(rank))
         row = row_values(rank, d)
         view = memoryview(row).cast("B")
-        while True:
-            cmd = star.bcast()
-            if cmd["op"] != "gather":
-                break
-            star.gather("ready")
-            star.bcast()  # go
+        for _ in _sender_gathers(star):
             data.sendall(view)
         data.close()
     star.close()
@@ -373,12 +379,7 @@ def grpc_main(args: argparse.Namespace) -> None:
             for off in range(0, nbytes, chunk):
                 yield bytes(view[off:off + chunk])
 
-        while True:
-            cmd = star.bcast()
-            if cmd["op"] != "gather":
-                break
-            star.gather("ready")
-            star.bcast()  # go
+        for cmd in _sender_gathers(star):
             call(chunks(), metadata=(("rank", str(rank)), ("seq", str(cmd["seq"]))), timeout=float(cmd["cap"]) + 60)
         channel.close()
     star.close()
