@@ -308,9 +308,8 @@ def reanalyze(path: Path) -> int:
     warmup = report["watch"]["warmup_s"]
     report["steps"] = check_steps(rows, old["slack_s"], old["checked_from_step"], report["config"]["f"],
                                   report["config"]["deadline"], warmup)
-    for k in ("updates_skipped_not_finite",):
-        if k in old:
-            report["steps"][k] = old[k]
+    if "updates_skipped_not_finite" in old:  # counted from the server's log, not from steps.jsonl
+        report["steps"]["updates_skipped_not_finite"] = old["updates_skipped_not_finite"]
     report["verdicts"]["steps"] = report["steps"]["ok"]
     report["ok"] = all(report["verdicts"].values())
     report["problems"] = [p for p in report.get("problems", []) if "step(s)" not in p] + step_problems(report["steps"])
