@@ -304,7 +304,12 @@ def reanalyze(path: Path) -> int:
     """Recompute the step verdicts of a soak report from its run's ``steps.jsonl`` (the process samples are kept)."""
     report = json.loads(path.read_text())
     old = report["steps"]
-    rows = read_steps(Path(report["config"]["run_dir"]) / "steps.jsonl")
+    steps = Path(report["config"]["run_dir"]) / "steps.jsonl"
+    if not steps.exists():
+        log(f"cannot reanalyze {path}: its run's step log {steps} is gone (the run directory is not kept with the "
+            "report); rerun the soak instead")
+        return 2
+    rows = read_steps(steps)
     warmup = report["watch"]["warmup_s"]
     report["steps"] = check_steps(rows, old["slack_s"], old["checked_from_step"], report["config"]["f"],
                                   report["config"]["deadline"], warmup)
