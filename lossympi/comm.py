@@ -375,6 +375,27 @@ class Comm:
         return self.endpoint.rank
 
     @property
+    def next_tag(self) -> int:
+        """The tag the next collective without an explicit ``tag=`` will use (a per-communicator counter).
+
+        A rank that missed collectives (it restarted, or skipped a step) sets it to the value a peer announced,
+        so that its collectives line up again: ``comm.next_tag = announced``.
+        """
+        return self._seq
+
+    @next_tag.setter
+    def next_tag(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < (1 << 64) - 1:
+            raise ValueError(f"a collective tag must be an integer in [0, 2**64 - 1), got {value!r}")
+        self._seq = value
+
+    def readmit(self, rank: int, address: tuple[str, int], key: bytes) -> None:
+        """Take back a restarted ``rank`` under its new UDP ``address`` and pair ``key``: the endpoint's and the
+        control channel's (rank 0 checks the key at the rank's next hello). Call it on the event-loop thread."""
+        self.endpoint.readmit(rank, address, key)
+        self.control.keys[rank] = bytes(key)
+
+    @property
     def size(self) -> int:
         return self.endpoint.size
 
@@ -386,11 +407,15 @@ class Comm:
 
     @classmethod
     def from_world(cls, world: World, *, ingest_bps: float = DEFAULT_INGEST_BPS, control_timeout: float = 120.0,
-                   **endpoint_kwargs: Any) -> Comm:
-        """Build the communicator of a bootstrapped world (``lossympi.bootstrap.init()``)."""
+                   control_max_bytes: int = 1 << 20, **endpoint_kwargs: Any) -> Comm:
+        """Build the communicator of a bootstrapped world (``lossympi.bootstrap.init()``).
+
+        ``control_max_bytes`` is the largest control-channel payload (e.g. parameters sent reliably);
+        ``endpoint_kwargs`` go to :class:`Endpoint` (``fill=``, ``faults=``, ``rate_bps=`` ...).
+        """
         ep = Endpoint.from_world(world, **endpoint_kwargs)
         ctl = TCPControl(world.rank, world.size, world.addresses, world.keys, world.control,
-                         timeout=control_timeout)
+                         timeout=control_timeout, max_bytes=control_max_bytes)
         return cls(ep, ctl, ingest_bps=ingest_bps)
 
     @classmethod

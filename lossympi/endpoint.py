@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from lossympi.bootstrap import World
     from lossympi.faults import FaultInjector
 
-__all__ = ["Endpoint", "RecvResult", "SendResult", "new_event_loop", "socket_capabilities"]
+__all__ = ["Endpoint", "EndpointCounters", "RecvResult", "SendResult", "new_event_loop", "socket_capabilities"]
 
 SOL_UDP = 17
 UDP_SEGMENT = 103
@@ -46,6 +46,47 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+@dataclass(frozen=True)
+class EndpointCounters:
+    """A snapshot of an endpoint's per-peer protocol counters (:meth:`Endpoint.counters`).
+
+    Subtract an earlier snapshot to get what happened in between (``now - mark``), e.g. one training step.
+
+    Attributes
+    ----------
+    rejects : ndarray of int64, shape (size + 1, len(REJECT_REASONS))
+        Refused datagrams by the rank that really sent them (its registered address; for ``shape`` rejects,
+        its MAC), then by reason (:data:`lossympi.wire.REJECT_REASONS`); the last row is ``unknown``: from an
+        address that is no rank's.
+    stale : ndarray of int64, shape (size,)
+        Authentic datagrams of closed messages (replays, late chunks), by sender.
+    pool_drops : ndarray of int64, shape (size,)
+        Authentic early datagrams dropped because the sender's share of the unexpected pool was full.
+    """
+
+    rejects: np.ndarray
+    stale: np.ndarray
+    pool_drops: np.ndarray
+
+    def __sub__(self, mark: EndpointCounters) -> EndpointCounters:
+        return EndpointCounters(self.rejects - mark.rejects, self.stale - mark.stale, self.pool_drops - mark.pool_drops)
+
+    @property
+    def rejected(self) -> int:
+        """Every refused datagram."""
+        return int(self.rejects.sum())
+
+    def rejected_by_sender(self) -> dict[str, dict[str, int]]:
+        """``{sender: {reason: count}}`` with only the non-zero counts; sender ``"unknown"`` for the last row."""
+        size = self.rejects.shape[0] - 1
+        out: dict[str, dict[str, int]] = {}
+        for r, row in enumerate(self.rejects):
+            counts = {reason: int(n) for reason, n in zip(_core.REJECT_REASONS, row, strict=True) if n}
+            if counts:
+                out["unknown" if r == size else str(r)] = counts
+        return out
 
 
 @dataclass
@@ -615,12 +656,36 @@ class Endpoint:
         rejects, its MAC), then by reason; only non-zero counts. Key ``"unknown"``: from an address that is
         no rank's. A rank that claims another's rank in its headers is charged here, not its victim.
         """
-        out: dict[str, dict[str, int]] = {}
-        for r, row in enumerate(self.core.rejects_by_sender()):
-            counts = {reason: n for reason, n in zip(_core.REJECT_REASONS, row, strict=True) if n}
-            if counts:
-                out["unknown" if r == self.size else str(r)] = counts
-        return out
+        return self.counters().rejected_by_sender()
+
+    def counters(self) -> EndpointCounters:
+        """A snapshot of the per-peer protocol counters since creation; subtract an earlier one for a window.
+
+        Examples
+        --------
+        >>> mark = ep.counters()                                   # doctest: +SKIP
+        >>> ...                                                    # doctest: +SKIP
+        >>> (ep.counters() - mark).rejected_by_sender()            # doctest: +SKIP
+        """
+        c = self.core
+        return EndpointCounters(np.array(c.rejects_by_sender(), np.int64),
+                                np.array([c.stale_from(r) for r in range(self.size)], np.int64),
+                                np.array([c.overflow_from(r) for r in range(self.size)], np.int64))
+
+    def readmit(self, rank: int, address: tuple[str, int], key: bytes | None) -> None:
+        """Install a new UDP address and pair key for ``rank`` (a restarted peer that rejoined).
+
+        From now on datagrams from ``rank`` must come from ``address`` and carry MACs under ``key``; what this
+        endpoint sends to ``rank`` goes there. Call it from the endpoint's event-loop thread.
+        """
+        self._check_peer(rank)
+        if self.auth and (key is None or len(key) != 32):
+            raise ValueError(f"readmitting rank {rank} needs its new 32-byte pair key")
+        host, port = str(address[0]), int(address[1])
+        if key is not None:
+            self.core.set_key(rank, bytes(key))
+        self.core.set_peer(rank, socket.inet_aton(socket.gethostbyname(host)), port)
+        self.addresses[rank] = (host, port)
 
     def close(self) -> None:
         """Cancel pending receives, stop reading the socket and close it."""

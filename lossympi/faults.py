@@ -35,7 +35,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-__all__ = ["FaultInjector", "FaultSpec", "GilbertElliott", "SendPlan"]
+__all__ = ["FaultInjector", "FaultSpec", "GilbertElliott", "SendPlan", "rank_seed"]
 
 _INDEX_DTYPE = np.uint32
 
@@ -45,6 +45,12 @@ _STRING_SYNTAX = (
     "where P are probabilities in [0, 1] and PEER a non-negative integer; a part without 'PEER:' is the "
     "default, e.g. 'drop=0.05,dup=0.01;2:ge=0.01:0.3'"
 )
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The fault injector seed of ``rank`` in a job seeded with ``seed``: every rank draws its own losses, and
+    the same job seed gives the same losses. Use it wherever a job derives per-rank injectors."""
+    return int(seed) * 7919 + int(rank)
 
 
 def _check_real(owner: str, name: str, value: object) -> float:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lossympi._core import HEADER_SIZE, MAC_SIZE, PROTOCOL_VERSION, chunk_count, stride_for
+from lossympi._core import HEADER_SIZE, MAC_SIZE, PROTOCOL_VERSION, REJECT_REASONS, chunk_count, stride_for
 
 __all__ = [
     "DTYPE_CODES",
@@ -21,6 +21,7 @@ __all__ = [
     "KIND_DATA",
     "MAC_SIZE",
     "PROTOCOL_VERSION",
+    "REJECT_REASONS",
     "FLAG_MAC",
     "Header",
     "chunk_count",
