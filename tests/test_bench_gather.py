@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from lossympi.bench._common import command_line
+from lossympi.bench.common import command_line
 from lossympi.bench.gather import TRANSPORTS, render
 from lossympi.netem import require_root_reason
 

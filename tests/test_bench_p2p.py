@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from lossympi.bench._common import command_line, parse_rates, table
+from lossympi.bench.common import command_line, parse_rates, table
 from lossympi.bench.p2p import render
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -331,7 +331,7 @@ def execute(spec: RunSpec, scratch: Path, quiet_wait: float = 0.0, quiet_thresho
     A timed run (any launcher but ``simulate``) first waits up to ``quiet_wait`` seconds for the machine to be
     quiet (see :func:`wait_for_quiet`)."""
     from aggregathor.config import TrainConfig
-    from lossympi.bench._common import CpuMeter
+    from lossympi.bench.common import CpuMeter
 
     run_dir = scratch / spec.part / spec.name
     shutil.rmtree(run_dir, ignore_errors=True)  # the server resumes from a checkpoint in its run directory
@@ -506,7 +506,7 @@ def _pct(x: float | None, digits: int = 0) -> str:
 
 
 def host_description() -> dict[str, Any]:
-    from lossympi.bench._common import host_info
+    from lossympi.bench.common import host_info
 
     info = host_info()
     with contextlib.suppress(OSError, ValueError):

@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = train_config(args, base / "run", steps)
         report["config"] = cfg
         log(f"soak: {steps} steps, sampling every {args.interval:g} s")
-        from lossympi.bench._common import CpuMeter
+        from lossympi.bench.common import CpuMeter
 
         meter = CpuMeter()
         t0 = time.monotonic()

@@ -1,7 +1,7 @@
 """``python -m aggregathor.bench``: run one benchmark of aggregathor.
 
 A subcommand is a module of :mod:`aggregathor.bench` with ``HELP``, ``add_arguments``, optionally
-``check_arguments``, ``run`` and ``render`` (see :func:`lossympi.bench._common.run_cli`, which both packages'
+``check_arguments``, ``run`` and ``render`` (see :func:`lossympi.bench.common.run_cli`, which both packages'
 benchmarks share). The exit status is 0, or 1 when the result lists ``failed`` measurements (the output is
 printed anyway), or 2 for bad flags.
 """
@@ -14,7 +14,7 @@ import sys
 # TensorFlow's C++ start-up chatter would bury the progress messages; an explicit setting wins.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from lossympi.bench._common import run_cli  # noqa: E402
+from lossympi.bench.common import run_cli  # noqa: E402
 
 #: Subcommand name -> module implementing it.
 SUBCOMMANDS: dict[str, str] = {

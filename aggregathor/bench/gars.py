@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from lossympi.bench._common import CpuMeter, fmt, host_info, log, table
+from lossympi.bench.common import CpuMeter, fmt, host_info, log, table
 
 __all__ = ["HELP", "TARGET_POINT", "TARGET_RATIO_VS_FLOOR", "TARGET_SPEEDUP", "add_arguments", "check_arguments",
            "make_data", "render", "run"]

@@ -1,7 +1,7 @@
 """``python -m lossympi.bench`` (also ``python -m lossympi bench``): run one benchmark.
 
 A subcommand is a module of :mod:`lossympi.bench` with ``HELP``, ``add_arguments``, ``run`` and ``render`` (see
-:func:`lossympi.bench._common.run_cli`). To add one, write ``lossympi/bench/<name>.py`` and add it to
+:func:`lossympi.bench.common.run_cli`). To add one, write ``lossympi/bench/<name>.py`` and add it to
 :data:`SUBCOMMANDS`.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from lossympi.bench._common import run_cli
+from lossympi.bench.common import run_cli
 
 #: Subcommand name -> module implementing it.
 SUBCOMMANDS: dict[str, str] = {

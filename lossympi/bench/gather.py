@@ -58,7 +58,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lossympi.bench._common import CpuMeter, fmt, host_info, log, median, table
+from lossympi.bench.common import CpuMeter, fmt, host_info, log, median, table
 
 __all__ = ["HELP", "MPI_ENV", "TRANSPORTS", "add_arguments", "plot", "render", "run"]
 

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from lossympi.bench._common import CpuMeter, fmt, free_port, host_info, log, median, parse_rates, table
+from lossympi.bench.common import CpuMeter, fmt, free_port, host_info, log, median, parse_rates, table
 
 __all__ = ["HELP", "VARIANTS", "add_arguments", "render", "run"]
 
