@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import collections
 import errno
-import hashlib
-import hmac
 import ipaddress
 import json
 import logging
 import os
-import secrets
 import selectors
 import socket
 import struct
@@ -37,6 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import handshake
 from .keys import PUBLIC_KEY_BYTES, KeyPair, derive_pair_keys, hash_secret, job_secret_from_env
 
 __all__ = [
@@ -519,16 +517,19 @@ def _recv_frame(sock: socket.socket, limit: int) -> dict[str, Any]:
     return _decode(_recv_exact(sock, length))
 
 
-def _mac(secret: bytes, label: bytes, nonces: bytes, body: Mapping[str, Any]) -> str:
-    unsigned = {k: v for k, v in body.items() if k != "mac"}
-    return hmac.new(secret, label + nonces + _canonical(unsigned), hashlib.sha256).hexdigest()
+def _unsigned(body: Mapping[str, Any]) -> bytes:
+    return _canonical({k: v for k, v in body.items() if k != "mac"})
 
 
-def _mac_ok(secret: bytes, label: bytes, nonces: bytes, msg: Mapping[str, Any]) -> bool:
+def _mac(secret: bytes, label: bytes, nonces: tuple[bytes, ...], body: Mapping[str, Any]) -> str:
+    return handshake.prove(secret, label, nonces, _unsigned(body)).hex()
+
+
+def _mac_ok(secret: bytes, label: bytes, nonces: tuple[bytes, ...], msg: Mapping[str, Any]) -> bool:
     mac = msg.get("mac")
-    if not isinstance(mac, str) or len(mac) != 64 or not mac.isascii():
+    if not isinstance(mac, str) or len(mac) != 2 * handshake.MAC_BYTES:
         return False
-    return hmac.compare_digest(_mac(secret, label, nonces, msg), mac)
+    return handshake.verify(secret, label, nonces, _unsigned(msg), mac)
 
 
 def _hex_bytes(value: Any, n: int, what: str) -> bytes:
@@ -674,7 +675,7 @@ class _Conn:
     def __init__(self, sock: socket.socket, peer: Any, deadline: float) -> None:
         self.sock = sock
         self.peer = peer
-        self.nonce = secrets.token_bytes(NONCE_BYTES)
+        self.nonce = handshake.new_nonce(NONCE_BYTES)
         self.buf = bytearray()
         self.deadline = deadline
         self.rank: int | None = None
@@ -873,7 +874,7 @@ class _Server:
         msg = _decode(body)
         if set(msg) != _HELLO_FIELDS or msg.get("type") != "hello":
             raise _ProtocolError("not a hello message")
-        if not _mac_ok(self.cfg.secret, _HELLO_LABEL, conn.nonce, msg):
+        if not _mac_ok(self.cfg.secret, _HELLO_LABEL, (conn.nonce,), msg):
             raise _Reject(
                 "auth",
                 "hello MAC does not verify (wrong secret or replayed hello)",
@@ -1041,7 +1042,7 @@ class _Server:
         }
         for rank, conn in sorted((self.registered if to is None else to).items()):
             msg = dict(body)
-            msg["mac"] = _mac(self.cfg.secret, _TABLE_LABEL, conn.nonce + conn.client_nonce, body)
+            msg["mac"] = _mac(self.cfg.secret, _TABLE_LABEL, (conn.nonce, conn.client_nonce), body)
             try:
                 conn.sock.settimeout(self.read_timeout)
                 conn.sock.sendall(_frame(msg))
@@ -1147,7 +1148,7 @@ def _join_once(
             server_nonce = _hex_bytes(challenge["nonce"], NONCE_BYTES, "challenge nonce")
         except (OSError, EOFError, _ProtocolError) as exc:
             raise _Retry(f"reading the challenge: {exc}") from None
-        client_nonce = secrets.token_bytes(NONCE_BYTES)
+        client_nonce = handshake.new_nonce(NONCE_BYTES)
         ip, port, pub = own
         hello: dict[str, Any] = {
             "type": "hello",
@@ -1159,7 +1160,7 @@ def _join_once(
             "public_key": pub.hex(),
             "nonce": client_nonce.hex(),
         }
-        hello["mac"] = _mac(cfg.secret, _HELLO_LABEL, server_nonce, hello)
+        hello["mac"] = _mac(cfg.secret, _HELLO_LABEL, (server_nonce,), hello)
         try:
             sock.sendall(_frame(hello))
             # Rank 0 answers once every rank has joined: wait up to the overall deadline.
@@ -1179,7 +1180,7 @@ def _join_once(
         raise cls(f"rank {cfg.rank}: rank 0 refused this rank: {reason}")
     if kind != "table" or set(reply) != _TABLE_FIELDS:
         raise _Retry("rank 0 sent neither a table nor an error")
-    if not _mac_ok(cfg.secret, _TABLE_LABEL, server_nonce + client_nonce, reply):
+    if not _mac_ok(cfg.secret, _TABLE_LABEL, (server_nonce, client_nonce), reply):
         raise RendezvousAuthError(
             f"rank {cfg.rank}: the table from rank 0 does not verify under this rank's job secret: "
             f"{ENV_SECRET} differs between ranks, or the connection was tampered with"

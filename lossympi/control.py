@@ -44,12 +44,13 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import os
 import select
 import socket
 import struct
 import time
 from collections.abc import Mapping, Sequence
+
+from . import handshake
 
 __all__ = ["ControlClosed", "ControlError", "TCPControl"]
 
@@ -59,7 +60,8 @@ _LEN = struct.Struct("<I")
 _SEQ = struct.Struct("<Q")
 _OP = struct.Struct("<BQ")
 _HELLO = b"lossympi-control-hello-v1"
-_MAC_BYTES = 32
+_NONCE_BYTES = 16
+_MAC_BYTES = handshake.MAC_BYTES
 OP_BARRIER = 1
 OP_BCAST = 2
 OP_GATHER = 3
@@ -277,14 +279,13 @@ class TCPControl:
         self._handshakes += 1
         reason = None
         try:
-            nonce = os.urandom(16)
+            nonce = handshake.new_nonce(_NONCE_BYTES)
             writer.write(nonce)
             await asyncio.wait_for(writer.drain(), self.handshake_timeout)
             hello = await asyncio.wait_for(reader.readexactly(4 + _MAC_BYTES), self.handshake_timeout)
             (r,) = _LEN.unpack_from(hello)
             key = self.keys.get(r)
-            expect = hmac.new(key or b"\0", _HELLO + nonce + _LEN.pack(r), hashlib.sha256).digest()
-            if not 0 < r < self.size or key is None or not hmac.compare_digest(hello[4:], expect):
+            if not 0 < r < self.size or not handshake.verify(key, _HELLO, (nonce,), _LEN.pack(r), hello[4:]):
                 reason = "auth"
             elif r in self.links and not (self.elastic and not self.link_alive(r)):
                 reason = "rank_taken"
@@ -530,12 +531,12 @@ class TCPControl:
                 await asyncio.sleep(0.05)
         key = self.keys[0]
         try:
-            nonce = await asyncio.wait_for(reader.readexactly(16), timeout=self.timeout)
+            nonce = await asyncio.wait_for(reader.readexactly(_NONCE_BYTES), timeout=self.timeout)
         except TimeoutError as exc:
             raise ControlError(f"rank 0 sent no control handshake within {self.timeout} s") from exc
         except asyncio.IncompleteReadError as exc:
             raise ControlError("rank 0 closed the control channel during the handshake") from exc
-        mac = hmac.new(key, _HELLO + nonce + _LEN.pack(self.rank), hashlib.sha256).digest()
+        mac = handshake.prove(key, _HELLO, (nonce,), _LEN.pack(self.rank))
         writer.write(_LEN.pack(self.rank) + mac)
         await writer.drain()
         link = _Link(reader, writer, key, 0, self.max_bytes)

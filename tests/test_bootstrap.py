@@ -343,7 +343,7 @@ def test_rendezvous_survives_garbage_half_open_and_replay() -> None:
             "nonce": secrets.token_bytes(32).hex(),
         }
         secret = bootstrap.hash_secret("test-secret")
-        hello["mac"] = bootstrap._mac(secret, bootstrap._HELLO_LABEL, secrets.token_bytes(32), hello)
+        hello["mac"] = bootstrap._mac(secret, bootstrap._HELLO_LABEL, (secrets.token_bytes(32),), hello)
         s.sendall(bootstrap._frame(hello))
         bad.append(s)
         (length,) = struct.unpack(">I", bootstrap._recv_exact(s, 4))
