@@ -2,6 +2,9 @@
 
 Impossible settings (an ``f`` too large for the rule, more Byzantine workers than workers, an unknown rule,
 attack or experiment) raise :class:`ConfigError` before any process starts.
+
+The checks build the rule and import TensorFlow, so they run once per config object: :meth:`TrainConfig.validate`
+remembers that it passed, and setting any field afterwards makes the next call check again.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +62,12 @@ class TrainConfig:
     gar_options: dict[str, Any] = field(default_factory=dict)
     attack_options: dict[str, Any] = field(default_factory=dict)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name in _FIELDS:  # a changed setting: check again, derive again
+            self.__dict__.pop("_nan_robust", None)
+            self.__dict__.pop("lost_row_fill", None)
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -85,8 +95,28 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     # ------------------------------------------------------------------ validation
+    def is_byzantine(self, rank: int) -> bool:
+        """True when worker ``rank`` (1..n) is Byzantine: the last ``byzantine`` ranks are."""
+        return rank > self.workers - self.byzantine
+
+    @cached_property
+    def lost_row_fill(self) -> float:
+        """The value of a gradient row that missed the deadline entirely: NaN when the rule is NaN-robust (it then
+        knows the row is lost), else 0.0. Every backend fills lost rows with it."""
+        self.validate()
+        return float("nan") if self.__dict__["_nan_robust"] else 0.0
+
     def validate(self) -> TrainConfig:
-        """Check every setting; raise ConfigError naming the first impossible one."""
+        """Check every setting; raise ConfigError naming the first impossible one.
+
+        Runs the checks once: a config that passed returns at once until one of its fields is set again.
+        """
+        if "_nan_robust" in self.__dict__:
+            return self
+        self._check()
+        return self
+
+    def _check(self) -> None:
         from aggregathor import attacks, experiments, gars
 
         def need(cond: bool, msg: str) -> None:
@@ -122,7 +152,10 @@ class TrainConfig:
         if self.byzantine and self.attack not in attacks.names():
             raise ConfigError(f"unknown --attack {self.attack!r}; known: {', '.join(attacks.names())}")
         try:
-            gars.get(self.gar, self.workers, self.f, **self.gar_options)
+            rule = gars.get(self.gar, self.workers, self.f, **self.gar_options)
         except ValueError as exc:  # unknown rule or violated bound: the rule's message names it
             raise ConfigError(f"--gar {self.gar} with --workers {self.workers} --f {self.f}: {exc}") from exc
-        return self
+        self.__dict__["_nan_robust"] = bool(rule.nan_robust)  # the mark of a validated config
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))

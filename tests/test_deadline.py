@@ -1,10 +1,10 @@
-"""The adaptive gather deadline (aggregathor.runtime.Deadline) and the slow-worker attack on it."""
+"""The adaptive gather deadline (aggregathor.deadline.Deadline) and the slow-worker attack on it."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from aggregathor.runtime import Deadline
+from aggregathor.deadline import Deadline
 from aggregathor.transport import GatherReport
 
 

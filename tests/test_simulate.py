@@ -9,35 +9,38 @@ import numpy as np
 import pytest
 
 from aggregathor.config import TrainConfig
-from aggregathor.simulate import SimTransport, _Hub
+from aggregathor.transport import Capability
+from aggregathor.transport.simulated import SimNetwork
 
 
-def _hub(tmp_path, **kw) -> _Hub:
+def _net(tmp_path, **kw) -> SimNetwork:
     base = dict(launcher="simulate", gar="median", workers=4, f=1, byzantine=1, attack="alie", loss=0.3, steps=3,
                 run_dir=str(tmp_path / "run"), seed=3)
-    return _Hub(TrainConfig.from_dict(base | kw))
+    return SimNetwork(TrainConfig.from_dict(base | kw))
 
 
 def test_byzantine_worker_sees_this_steps_honest_gradients_before_loss(tmp_path) -> None:
-    hub = _hub(tmp_path)
-    server, *workers = (SimTransport(hub, r) for r in range(hub.n + 1))
+    hub = _net(tmp_path)
+    server, workers = hub.server(), [hub.worker(r) for r in range(1, hub.n + 1)]
+    assert all(Capability.HONEST_GRADIENTS in w.capabilities for w in workers)
+    assert Capability.HONEST_GRADIENTS not in server.capabilities
     rng = np.random.default_rng(0)
     d = 5000  # several chunks, so that a 30 % loss hits some of them
 
     async def step(k: int) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        await server.control({"step": k})
+        await server.announce({"step": k})
         for w in workers:
-            await w.control(None)
+            assert await w.next_message() == {"step": k}
         rows = np.zeros((hub.n + 1, d), np.float32)
-        gather = asyncio.ensure_future(server.grads(None, rows, time.monotonic() + 5))
+        gather = asyncio.ensure_future(server.gather(rows, time.monotonic() + 5))
         spy = asyncio.ensure_future(workers[-1].honest_gradients())  # rank 4 is the Byzantine one
         await asyncio.sleep(0)
         honest = [rng.normal(size=d).astype(np.float32) for _ in workers[:-1]]
         for w, g in zip(workers[:-1], honest, strict=True):
             assert not spy.done()  # it waits until every honest worker has computed its gradient
-            await w.grads(g, None, time.monotonic() + 5)
+            await w.send_grad(g, time.monotonic() + 5)
         seen = await spy
-        await workers[-1].grads(np.zeros(d, np.float32), None, time.monotonic() + 5)
+        await workers[-1].send_grad(np.zeros(d, np.float32), time.monotonic() + 5)
         await gather
         return seen, honest, rows
 
@@ -52,7 +55,7 @@ def test_byzantine_worker_sees_this_steps_honest_gradients_before_loss(tmp_path)
 
 
 def test_side_channel_needs_an_honest_worker(tmp_path) -> None:
-    hub = _hub(tmp_path, gar="average", workers=2, f=0, byzantine=0)
+    hub = _net(tmp_path, gar="average", workers=2, f=0, byzantine=0)
     hub.cfg.byzantine = hub.n  # not a valid config (validation refuses it); the transport still says why
     with pytest.raises(ValueError, match="no honest worker"):
-        asyncio.run(SimTransport(hub, 1).honest_gradients())
+        asyncio.run(hub.worker(1).honest_gradients())

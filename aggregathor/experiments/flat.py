@@ -3,7 +3,9 @@
 The parameter server ships the parameters and the gradients as one ``(d,)`` float32 vector, in the order of
 ``model.trainable_variables``. :func:`get_flat` is one traced concatenation, :func:`set_flat` one traced
 split plus one assignment per variable; :func:`gradient_fn` maps a batch to the flat gradient in one traced
-call. Python touches each variable only while tracing, never per step.
+call; :meth:`FlatView.update_fn` applies a flat gradient with an optimizer in one traced call (the parameter
+server's update). Python touches each variable only while tracing, never per step. The server and the workers
+use this one view.
 
 The layout of a model is computed once and cached (weakly, per model object). If a model's set of trainable
 variables changes afterwards (``layer.trainable = False``), call :func:`flat_view` with ``refresh=True``.
@@ -65,6 +67,22 @@ class FlatView:
         if int(t.shape[0]) != self.size:
             raise ValueError(f"flat vector has {int(t.shape[0])} values, the model has {self.size} parameters")
         self._set(t)
+
+    def update_fn(self, optimizer: Any) -> Callable[[Any], None]:
+        """A ``tf.function`` applying a flat ``(d,)`` float32 gradient to the variables with ``optimizer``
+        (``optimizer.apply_gradients`` on the per-variable pieces). ``fn.get_concrete_function()`` traces it
+        (and creates the optimizer's slots) without applying anything."""
+        variables, shapes, sizes = self.variables, self.shapes, self.sizes
+
+        @tf.function(input_signature=[tf.TensorSpec([self.size], tf.float32)], autograph=False)
+        def apply(grad: tf.Tensor) -> None:
+            if not variables:
+                return
+            parts = tf.split(grad, sizes)
+            optimizer.apply_gradients(
+                [(tf.reshape(p, s), v) for p, s, v in zip(parts, shapes, variables, strict=True)])
+
+        return apply
 
 
 def flat_view(model: keras.Model, *, refresh: bool = False) -> FlatView:

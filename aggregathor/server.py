@@ -1,0 +1,270 @@
+"""The trusted parameter server (rank 0): :class:`ParameterServer`.
+
+Each synchronous step (:meth:`ParameterServer.step`):
+
+1. the server announces the step number reliably (``announce``), then sends the parameters (``send_params``);
+2. every worker loads them, computes the gradient of its own mini-batch (from its own shard; a Byzantine
+   worker replaces it by an attack) and sends it (:mod:`aggregathor.worker`);
+3. the server gathers the gradients until the step's deadline (``gather``), what is missing filled, aggregates
+   them with the robust rule and applies the Keras optimizer. An aggregate that is not finite (e.g. more than
+   ``f`` rows lost and NaN-filled) leaves the model as it was; the step is counted (``skipped_updates``).
+
+The server only ever reads numbers from the workers: fixed-size float32 vectors, checked by the transport
+(size, dtype, step tag) before a byte is written. It runs no code that came over the network.
+
+Crash faults (elastic transports, :attr:`~aggregathor.transport.Capability.ELASTIC`): the server never waits for a
+worker outside the gather's deadline. A worker whose link died is *missing* (``transport.missing_workers()``): it
+gets no step message and its gradient row is lost (filled like a row that missed the deadline). The number of
+missing workers is logged per step (``steps.jsonl``, ``missing_workers``), in each evaluation row and, summed over
+the steps, in the summary, with the transport's fault counters (refused connections, lost links, rejoins). A
+restarted worker rejoins and takes part from the next step on. Checkpoints are atomic
+(:class:`aggregathor.checkpoint.AtomicCheckpoints`): a server restarted on the same run directory resumes from the
+newest intact one (``resumed_from`` in the summary); the summary itself is written atomically.
+
+What the server writes to its run directory: ``config.json``, ``checkpoints/``, ``tensorboard/``, ``eval.jsonl``
+(one row per evaluation), ``steps.jsonl`` (one row per step, :class:`aggregathor.steplog.StepRecord`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from aggregathor import experiments, gars
+from aggregathor.checkpoint import AtomicCheckpoints
+from aggregathor.config import TrainConfig
+from aggregathor.deadline import Deadline
+from aggregathor.steplog import JsonLines, StepRecord
+from aggregathor.summary import RunCounters, RunSummary
+from aggregathor.transport.base import ProtocolEvents, ServerTransport
+
+__all__ = ["ParameterServer", "build_optimizer", "run_server"]
+
+log = logging.getLogger(__name__)
+
+
+def build_optimizer(cfg: TrainConfig) -> Any:
+    """The Keras optimizer of ``cfg`` (SGD, SGD with momentum or Adam) with its learning-rate schedule."""
+    import keras
+
+    lr: Any = cfg.lr
+    if cfg.schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=cfg.steps)
+    elif cfg.schedule == "step":
+        lr = keras.optimizers.schedules.PiecewiseConstantDecay(
+            [cfg.steps // 2, (3 * cfg.steps) // 4], [cfg.lr, cfg.lr / 10, cfg.lr / 100])
+    if cfg.optimizer == "adam":
+        return keras.optimizers.Adam(lr)
+    return keras.optimizers.SGD(lr, momentum=cfg.momentum if cfg.optimizer == "momentum" else 0.0)
+
+
+class _Outputs:
+    """Where the server reports as it runs: TensorBoard, ``eval.jsonl``, ``steps.jsonl`` (unless off), a bar."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, start: int, progress: bool) -> None:
+        self.tensorboard = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
+        self.evals = JsonLines(run_dir / "eval.jsonl")
+        # one JSON row per step (tools/soak.py reads it): buffered, flushed about every second and at each eval
+        self.steps = JsonLines(run_dir / "steps.jsonl", flush_every=1.0) if cfg.step_log else None
+        self.bar: Any = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.gar} n={cfg.workers} f={cfg.f}", unit="step",
+                            leave=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.evals.close()
+        if self.steps is not None:
+            self.steps.close()
+        self.tensorboard.close()
+
+
+class ParameterServer:
+    """Rank 0's part of a run: holds the model and the optimizer, runs the steps over ``transport``.
+
+    :meth:`run` drives the rest: :meth:`restore` (run directory, checkpoint), :meth:`warm_up` (compile, then the
+    ready barrier), :meth:`step` for every step left, :meth:`finish` (last checkpoint, stop, summary).
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        The run (validated).
+    transport : ServerTransport
+        The server's side of the step exchanges.
+    progress : bool
+        Draw a progress bar.
+    """
+
+    def __init__(self, cfg: TrainConfig, transport: ServerTransport, *, progress: bool = True) -> None:
+        self.cfg = cfg.validate()
+        self.transport = transport
+        self.progress = progress
+        self.exp = experiments.get(cfg.experiment)
+        self.model = self.exp.build_model(cfg.seed)
+        self.optimizer = build_optimizer(cfg)
+        self.view = experiments.flat_view(self.model)
+        self.update = self.view.update_fn(self.optimizer)
+        self.rule = gars.get(cfg.gar, cfg.workers, cfg.f, **cfg.gar_options)
+        self.theta = np.zeros(self.view.size, np.float32)
+        self.rows = np.zeros((cfg.workers + 1, self.view.size), np.float32)  # row r: worker r's gradient
+        self.run_dir = Path(cfg.run_dir)
+        self.step_var = tf.Variable(0, dtype=tf.int64, name="step")
+        self.ckpt = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step_var)
+        self.checkpoints: AtomicCheckpoints | None = None
+        self.deadline = Deadline(cfg.deadline)
+        self.counters = RunCounters()
+        self.events = ProtocolEvents(cfg.workers)  # what the workers did at the protocol level
+        self.history: list[dict[str, Any]] = []  # the evaluation rows
+        self.start = 0  # the step this server starts at (that of the checkpoint it restored)
+        self.saved = -1  # the step of the newest checkpoint
+        self.t0 = time.monotonic()  # the run's clock (reset when the steps start)
+        self.outputs: _Outputs | None = None
+
+    async def run(self) -> RunSummary:
+        """Run every step left; returns the summary (also written to ``cfg.json_out``)."""
+        self.restore()
+        self.outputs = _Outputs(self.cfg, self.run_dir, self.start, self.progress)
+        try:
+            await self.warm_up()
+            for k in range(self.start, self.cfg.steps):
+                await self.step(k)
+            return await self.finish()
+        finally:
+            self.outputs.close()
+
+    def restore(self) -> int:
+        """Create the run directory, record the config there and load the newest intact checkpoint.
+
+        Returns the step to start at (0 without a checkpoint).
+        """
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1, default=str))
+        self.checkpoints = checkpoints = AtomicCheckpoints(self.run_dir / "checkpoints", keep=3)
+        restored = checkpoints.restore(lambda prefix: self.ckpt.read(prefix).assert_existing_objects_matched())
+        self.start = int(self.step_var.numpy())
+        if restored is not None:
+            if self.start != restored:
+                raise RuntimeError(f"checkpoint {checkpoints.path(restored)} holds step {self.start}, its name says "
+                                   f"{restored}: the checkpoint directory is inconsistent")
+            log.warning("resumed from %s at step %d", checkpoints.path(restored), restored)
+        self.saved = self.start if restored is not None else -1
+        return self.start
+
+    async def warm_up(self) -> None:
+        """Compile the rule and trace the update (without applying anything), then wait for the workers' ready
+        barrier, so that step 0 carries no compilation (it took over 2 s); the run's clock starts here."""
+        self.rule(self.rows[1:])
+        self.update.get_concrete_function()  # creates the optimizer's slots too
+        await self.transport.announce({"ready": True})  # every worker has traced its functions
+        self.t0 = time.monotonic()
+
+    async def step(self, k: int) -> StepRecord:
+        """Run step ``k``: announce it, send the parameters, gather, aggregate, update; then log it, and evaluate
+        and checkpoint when due. Returns the step's record (as written to ``steps.jsonl``)."""
+        transport, start = self.transport, time.monotonic()
+        await transport.announce({"step": k})
+        missing = len(transport.missing_workers())  # workers with no live link: their gradients are lost
+        params_at = time.monotonic()
+        self.theta[...] = self.view.get()
+        await transport.send_params(self.theta, timeout=self.cfg.deadline)
+        deadline = self.deadline.next()
+        gather_at = time.monotonic()
+        report = await transport.gather(self.rows, gather_at + deadline)
+        rec = StepRecord(k, start, params_at, gather_at, time.monotonic(), deadline, report.lost_chunks,
+                         report.chunks, missing_workers=missing)
+        self.deadline.observe_gather(report, self.cfg.workers, self.cfg.f)
+        self.counters.add_missing(missing)
+        rec.lost_gradients = self.counters.add_gather(report)
+        rec.events = self.events.observe(report, self.rows[1:])
+        rec.update_skipped = not self._aggregate_and_apply(k)
+        self.step_var.assign(k + 1)
+        self._log_step(rec)
+        self._when_due(k + 1, missing)
+        return rec
+
+    def _aggregate_and_apply(self, k: int) -> bool:
+        """Aggregate the rows and update the model; False (model untouched) when the aggregate is not finite."""
+        g = self.rule(self.rows[1:])
+        if not bool(tf.reduce_all(tf.math.is_finite(g))):
+            self.counters.skipped_updates += 1
+            log.warning("step %d: the aggregate is not finite (rule %s); update skipped", k, self.cfg.gar)
+            return False
+        self.update(g)
+        return True
+
+    def _log_step(self, rec: StepRecord) -> None:
+        assert self.outputs is not None
+        if self.outputs.steps is not None:
+            self.outputs.steps.write(rec.row(time.monotonic(), self.t0))
+        if self.outputs.bar is not None:
+            accuracy = self.history[-1]["accuracy"] if self.history else "-"
+            self.outputs.bar.update(1)
+            self.outputs.bar.set_postfix(lost=f"{100 * self.counters.lost_chunk_fraction:.2f}%", acc=accuracy)
+
+    def _when_due(self, done: int, missing: int) -> None:
+        """After ``done`` steps: evaluate and checkpoint when their period says so (and evaluate at the end)."""
+        if done % self.cfg.eval_every == 0 or done == self.cfg.steps:
+            self.evaluate(done, missing=missing)
+            assert self.outputs is not None
+            if self.outputs.steps is not None:
+                self.outputs.steps.flush()
+        if self.cfg.checkpoint_every and done % self.cfg.checkpoint_every == 0:
+            self._save(done)
+
+    def _save(self, done: int) -> None:
+        assert self.checkpoints is not None
+        self.checkpoints.save(done, self.ckpt.write)
+        self.saved = done
+
+    def evaluate(self, step: int, *, missing: int = 0, record: bool = True) -> dict[str, Any]:
+        """Evaluate the model after ``step`` steps (``missing``: the workers missing at that step).
+
+        Returns the evaluation row (the keys of ``eval.jsonl``); it goes to TensorBoard, and with ``record`` also
+        to ``eval.jsonl`` and the history.
+        """
+        metrics = self.exp.evaluate(self.model)
+        row = {"wall": round(time.monotonic() - self.t0, 4), "step": step, "loss": float(metrics["loss"]),
+               "accuracy": float(metrics["accuracy"]), "lost_chunk_fraction": self.counters.lost_chunk_fraction,
+               "lost_gradients": self.counters.lost_gradients, "missing_workers": missing}
+        assert self.outputs is not None
+        with self.outputs.tensorboard.as_default(step=step):
+            tf.summary.scalar("test/accuracy", row["accuracy"])
+            tf.summary.scalar("test/loss", row["loss"])
+            tf.summary.scalar("transport/lost_chunk_fraction", row["lost_chunk_fraction"])
+        if record:
+            self.outputs.evals.write(row)
+            self.history.append(row)
+        return row
+
+    async def finish(self) -> RunSummary:
+        """Save the last checkpoint, tell the workers to stop; returns the run's summary, also written (atomically)
+        to ``cfg.json_out`` when set."""
+        cfg = self.cfg
+        if self.saved != cfg.steps:
+            self._save(cfg.steps)
+        await self.transport.announce({"stop": True})
+        wall = time.monotonic() - self.t0
+        final = self.history[-1] if self.history else self.evaluate(cfg.steps, record=False)
+        assert self.checkpoints is not None
+        summary = RunSummary.of_run(
+            evaluation=final, counters=self.counters, faults=self.transport.fault_counters(), steps=cfg.steps,
+            done=cfg.steps - self.start, wall=wall, config=cfg.to_dict(), history=self.history,
+            **self.events.totals(), resumed_from=self.start,
+            checkpoints_skipped=[[st, why] for st, why in self.checkpoints.skipped])
+        if cfg.json_out:
+            summary.write(cfg.json_out)
+        return summary
+
+
+async def run_server(cfg: TrainConfig, transport: ServerTransport, *, progress: bool = True) -> RunSummary:
+    """The parameter server's run (:meth:`ParameterServer.run`); returns the summary."""
+    return await ParameterServer(cfg, transport, progress=progress).run()
