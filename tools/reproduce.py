@@ -1054,11 +1054,11 @@ def machine_line(host: dict[str, Any]) -> str:
 
 def quiet_tensorflow() -> None:
     """Keep this process's log readable: TensorFlow's retracing notices (every simulated run builds fresh models)
-    and the runtime's per-step "aggregate is not finite" warnings (averaging under the nan attack) are dropped."""
+    and the server's per-step "aggregate is not finite" warnings (averaging under the nan attack) are dropped."""
     import logging
 
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    logging.getLogger("aggregathor.runtime").setLevel(logging.ERROR)
+    logging.getLogger("aggregathor.server").setLevel(logging.ERROR)
 
 
 def run_parts(plan: Plan, parts: Sequence[str], out: Path, scratch: Path, argv: Sequence[str],
