@@ -2,12 +2,47 @@
 
 A trusted parameter server aggregates the workers' gradients with robust rules (median, Multi-Krum,
 Bulyan, ...) so that up to f Byzantine workers cannot poison learning (Damaskinos et al., SysML 2019).
-Importing this package imports TensorFlow; :mod:`lossympi` (the transport) does not.
+Importing this package imports TensorFlow; :mod:`lossympi` (the transport) does not. Without the ``[train]``
+extra, importing it raises :class:`MissingTrainingDependencies`, whose one-line message says how to install it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from collections.abc import Callable
+from types import TracebackType
+
+ExceptHook = Callable[[type[BaseException], BaseException, TracebackType | None], object]
+
+#: The modules of the ``[train]`` extra that aggregathor imports (``import name`` -> what pip installs).
+TRAIN_MODULES = {"tensorflow": "TensorFlow", "sklearn": "scikit-learn", "grpc": "grpcio",
+                 "tensorboard": "TensorBoard", "matplotlib": "matplotlib", "tqdm": "tqdm"}
+
+
+class MissingTrainingDependencies(ImportError):
+    """aggregathor was installed without its ``[train]`` extra; the message says how to install it."""
+
+
+def _one_line_hook(previous: ExceptHook) -> ExceptHook:
+    """An excepthook that prints a :class:`MissingTrainingDependencies` as its one-line message."""
+
+    def hook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        if isinstance(exc, MissingTrainingDependencies):
+            print(f"error: {exc}", file=sys.stderr)
+        else:
+            previous(kind, exc, tb)
+
+    return hook
+
+
+_missing = [label for name, label in TRAIN_MODULES.items() if importlib.util.find_spec(name) is None]
+if _missing:
+    # Uncaught (`python -c "import aggregathor"`, the `aggregathor` command), it prints one line, not a traceback.
+    sys.excepthook = _one_line_hook(sys.excepthook)
+    raise MissingTrainingDependencies(
+        f"aggregathor needs {', '.join(_missing)} (its [train] extra): pip install \"aggregathor-reborn[train]\"")
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -15,7 +50,7 @@ import tensorflow as tf  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "devices", "default_device"]
+__all__ = ["__version__", "MissingTrainingDependencies", "TRAIN_MODULES", "devices", "default_device"]
 
 
 def devices() -> dict[str, list[str]]:

@@ -5,7 +5,8 @@ how to authenticate them; the vectors travel as authenticated UDP datagrams. Run
 
     mpiexec -n 4 python examples/lossy_allreduce.py --loss 0.05
 
-or without MPI, one process per rank, configured by the ``LOSSYMPI_*`` variables::
+or without MPI (``pip install .`` alone, no ``[mpi]`` extra), one process per rank, configured by the
+``LOSSYMPI_*`` variables::
 
     export LOSSYMPI_WORLD_SIZE=2 LOSSYMPI_RENDEZVOUS=127.0.0.1:29500 LOSSYMPI_SECRET=change-me
     LOSSYMPI_RANK=0 python examples/lossy_allreduce.py & LOSSYMPI_RANK=1 python examples/lossy_allreduce.py
@@ -42,10 +43,9 @@ def main() -> None:
 
     # Addresses and pair keys of every rank: from MPI under mpiexec, else from the LOSSYMPI_* variables.
     world = lossympi.bootstrap.init()
-    with world, Comm.from_world(world) as comm:
-        if args.loss:
-            # Simulated packet loss on what this rank sends (seeded, so runs are reproducible).
-            comm.endpoint.faults = FaultInjector(FaultSpec(drop=args.loss), seed=comm.rank)
+    # Simulated packet loss on what this rank sends (seeded, so runs are reproducible).
+    faults = FaultInjector(FaultSpec(drop=args.loss), seed=world.rank) if args.loss else None
+    with world, Comm.from_world(world, faults=faults) as comm:
         out = np.empty(args.elements, np.float32)  # allocated once, reused by every round
         for rnd in range(args.rounds):
             x = vector(comm.rank, rnd, args.elements)
