@@ -163,6 +163,23 @@ def test_flat_round_trip(digits: E.Experiment) -> None:
         E.set_flat(model, theta[:-1])
 
 
+def test_flat_update_applies_a_flat_gradient_with_the_optimizer(digits: E.Experiment) -> None:
+    """The server's update: one traced call splits the flat gradient over the variables and steps the optimizer."""
+    import keras
+
+    model = digits.build_model(0)
+    view = E.flat_view(model)
+    update = view.update_fn(keras.optimizers.SGD(0.5))
+    update.get_concrete_function()  # tracing applies nothing
+    theta = E.get_flat(model)
+    np.testing.assert_array_equal(view.get().numpy(), theta)
+    g = np.random.default_rng(0).standard_normal(view.size).astype(np.float32)
+    update(tf.constant(g))
+    np.testing.assert_allclose(E.get_flat(model), theta - 0.5 * g, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(model.trainable_variables[1].numpy(), theta[4096:4160] - 0.5 * g[4096:4160], rtol=1e-6)
+    assert update.experimental_get_tracing_count() == 1
+
+
 def test_build_model_deterministic(digits: E.Experiment) -> None:
     state = random.getstate()
     a, b, c = (E.get_flat(digits.build_model(s)) for s in (7, 7, 8))

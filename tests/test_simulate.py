@@ -59,3 +59,32 @@ def test_side_channel_needs_an_honest_worker(tmp_path) -> None:
     hub.cfg.byzantine = hub.n  # not a valid config (validation refuses it); the transport still says why
     with pytest.raises(ValueError, match="no honest worker"):
         asyncio.run(hub.worker(1).honest_gradients())
+
+
+class _FakeWorkerSide:
+    """A worker transport for one step's gradient: declares HONEST_GRADIENTS or not."""
+
+    def __init__(self, rank: int, honest: np.ndarray | None) -> None:
+        self.rank, self.size, self.honest = rank, 4, honest
+        self.capabilities = frozenset({Capability.HONEST_GRADIENTS}) if honest is not None else frozenset()
+
+    async def honest_gradients(self) -> np.ndarray:
+        assert self.honest is not None, "honest_gradients() called on a transport that does not declare it"
+        return self.honest
+
+
+def test_a_byzantine_worker_uses_the_side_channel_only_when_declared(tmp_path) -> None:
+    from aggregathor.worker import Worker, byzantine_gradient
+
+    cfg = TrainConfig.from_dict(dict(gar="median", workers=3, f=1, byzantine=1, attack="reverse",
+                                     run_dir=str(tmp_path / "run")))
+    honest = np.ones((2, 4810), np.float32)
+    seen = Worker(cfg, _FakeWorkerSide(3, honest))
+    np.testing.assert_array_equal(asyncio.run(seen.gradient()), np.full(4810, -100.0, np.float32))  # -k * mean
+    blind, twin = Worker(cfg, _FakeWorkerSide(3, None)), Worker(cfg, _FakeWorkerSide(3, None))
+    for w in (blind, twin):
+        w.warm_up()
+    estimate = byzantine_gradient(cfg, twin.attack, twin.grad_fn, twin.batches, twin.rng)  # from n - f own batches
+    got = asyncio.run(blind.gradient())
+    assert np.all(np.isfinite(got)) and np.any(got != 0)
+    np.testing.assert_array_equal(got, estimate)

@@ -77,3 +77,35 @@ def test_a_non_finite_aggregate_skips_the_update_and_is_counted(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
     assert summary.skipped_updates == 4 and all(r.get("update_skipped") for r in rows)
     assert all(r["nonfinite"] == [3] for r in rows)  # and the offending rank is named
+
+
+def test_the_log_ends_a_torn_row_and_flushes_on_its_period(tmp_path):
+    from aggregathor.steplog import JsonLines
+
+    path = tmp_path / "steps.jsonl"
+    path.write_text('{"step": 0}\n{"step": 1, "wa')  # a server killed mid-write
+    slow = JsonLines(path, flush_every=3600.0)
+    slow.write({"step": 2})
+    assert path.read_text().endswith('"wa\n')  # the torn row is ended; the new one waits in the buffer
+    slow.flush()
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[0]) == {"step": 0} and json.loads(lines[2]) == {"step": 2}
+    slow.close()
+    eager = JsonLines(path)  # flush_every=0: every row is on disk at once
+    eager.write({"step": 3})
+    assert json.loads(path.read_text().splitlines()[-1]) == {"step": 3}
+    eager.close()
+
+
+def test_a_step_record_is_the_documented_row():
+    from aggregathor.steplog import StepRecord
+
+    rec = StepRecord(7, start=10.0, params_at=10.001, gather_at=10.003, gathered_at=10.05, deadline=0.123456789,
+                     lost_chunks=2, chunks=40, lost_gradients=1, missing_workers=1, events={"nonfinite": [3]})
+    row = rec.row(end=10.06, t0=9.0)
+    assert list(row) == ["step", "wall", "seconds", "deadline", "gather_seconds", "control_seconds", "params_seconds",
+                         "lost_chunks", "chunks", "lost_gradients", "missing_workers", "nonfinite"]
+    assert row["wall"] == 1.06 and row["seconds"] == 0.06 and row["deadline"] == 0.12346
+    assert (row["control_seconds"], row["params_seconds"], row["gather_seconds"]) == (0.001, 0.002, 0.047)
+    rec.update_skipped = True
+    assert rec.row(10.06, 9.0)["update_skipped"] is True

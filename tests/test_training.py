@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -56,6 +57,25 @@ def test_toml_config_and_flag_overrides(tmp_path):
     path.write_text('[train]\ngar = "median"\nworkers = 5\nf = 2\nbyzantine = 0\nsteps = 7\n')
     c = TrainConfig.from_toml(path, steps=9)
     assert (c.gar, c.workers, c.f, c.steps) == ("median", 5, 2, 9)
+
+
+def test_settings_are_checked_once_per_config_and_again_after_a_change(tmp_path, monkeypatch):
+    """validate() builds the rule (TensorFlow): from_dict, launch and the rank's set-up share one check."""
+    from aggregathor import gars
+
+    built = []
+    real = gars.get
+    monkeypatch.setattr(gars, "get", lambda *a, **k: built.append(a[0]) or real(*a, **k))
+    c = cfg(tmp_path, gar="median", workers=4, f=1, byzantine=0)
+    assert c.validate() is c and c.validate() is c
+    assert math.isnan(c.lost_row_fill) and built == ["median"]  # a NaN-robust rule: lost rows are NaN
+    c.gar = "average"  # a change is checked again, and lost_row_fill derived again
+    assert c.lost_row_fill == 0.0 and built == ["median", "average"]
+    c.workers = 0
+    with pytest.raises(ConfigError, match="--workers must be >= 1"):
+        c.validate()
+    two = cfg(tmp_path, gar="median", workers=5, f=2, byzantine=2)  # the last two ranks attack
+    assert [two.is_byzantine(r) for r in range(1, 6)] == [False, False, False, True, True]
 
 
 def test_simulated_run_resists_one_byzantine_worker_where_averaging_fails(tmp_path):
