@@ -4,9 +4,9 @@ The lossy data path (UDP) carries tensors; this channel carries what must not be
 metadata of a step, a decision to stop. It is a star over TCP through rank 0. Every rank ``r > 0``
 connects to rank 0's control listener (the TCP port with the same number as rank 0's UDP port, see
 :func:`lossympi.bootstrap.bind_udp_and_control`) and proves it holds the pair key of rank ``r`` by a
-challenge-response (HMAC-SHA256 over a fresh nonce). Every frame then carries a sequence number and an
-HMAC-SHA256 under the pair key, so frames cannot be forged, replayed or reordered. Payloads are bytes:
-nothing received is ever unpickled or executed.
+challenge-response (:func:`lossympi.handshake.prove`: HMAC-SHA256 over a fresh nonce). Every frame then
+carries a sequence number and an HMAC-SHA256 under the pair key, so frames cannot be forged, replayed or
+reordered. Payloads are bytes: nothing received is ever unpickled or executed.
 
 Frame: ``u32 length | u64 sequence | payload | 32-byte HMAC(key, direction | sequence | payload)``.
 Payload of an operation: ``u8 op | u64 op number | data``; every rank numbers its control operations, so

@@ -26,11 +26,14 @@ from lossympi.bootstrap import (  # noqa: E402
     RendezvousError,
     World,
     bind_udp,
+    framing,
     from_env,
     init,
     local_worlds,
+    messages,
 )
-from lossympi.keys import KeyPair, derive_pair_keys, job_secret_from_env, pair_key  # noqa: E402
+from lossympi.bootstrap import env as bootstrap_env  # noqa: E402
+from lossympi.keys import KeyPair, derive_pair_keys, hash_secret, job_secret_from_env, pair_key  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -261,7 +264,7 @@ def test_from_env_requires_secret() -> None:
 
 
 def test_env_config_parsing() -> None:
-    cfg = bootstrap._env_config(
+    cfg = bootstrap_env._env_config(
         {
             "LOSSYMPI_RANK": "1",
             "LOSSYMPI_WORLD_SIZE": "3",
@@ -275,7 +278,7 @@ def test_env_config_parsing() -> None:
     assert cfg.host == "10.0.0.2" and cfg.port_range == (40000, 40010)
     assert len(cfg.secret) == 32
     with pytest.raises(ValueError, match="LOSSYMPI_PORT_RANGE"):
-        bootstrap._parse_port_range("1-2-3")
+        bootstrap_env._parse_port_range("1-2-3")
 
 
 def test_from_env_wrong_secret_is_refused() -> None:
@@ -296,8 +299,8 @@ def test_from_env_wrong_secret_is_refused() -> None:
 
 def _client_challenge(port: int) -> tuple[socket.socket, dict[str, Any]]:
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    (length,) = struct.unpack(">I", bootstrap._recv_exact(sock, 4))
-    return sock, json.loads(bootstrap._recv_exact(sock, length))
+    (length,) = struct.unpack(">I", framing._recv_exact(sock, 4))
+    return sock, json.loads(framing._recv_exact(sock, length))
 
 
 def test_rendezvous_survives_garbage_half_open_and_replay() -> None:
@@ -342,12 +345,12 @@ def test_rendezvous_survives_garbage_half_open_and_replay() -> None:
             "public_key": kp.public_bytes.hex(),
             "nonce": secrets.token_bytes(32).hex(),
         }
-        secret = bootstrap.hash_secret("test-secret")
-        hello["mac"] = bootstrap._mac(secret, bootstrap._HELLO_LABEL, (secrets.token_bytes(32),), hello)
-        s.sendall(bootstrap._frame(hello))
+        secret = hash_secret("test-secret")
+        hello["mac"] = messages._mac(secret, messages._HELLO_LABEL, (secrets.token_bytes(32),), hello)
+        s.sendall(framing._frame(hello))
         bad.append(s)
-        (length,) = struct.unpack(">I", bootstrap._recv_exact(s, 4))
-        reply = json.loads(bootstrap._recv_exact(s, length))
+        (length,) = struct.unpack(">I", framing._recv_exact(s, 4))
+        reply = json.loads(framing._recv_exact(s, length))
         assert reply["type"] == "error" and reply["code"] == "auth"
 
         # genuine ranks still complete while the half-open connection is still open
@@ -424,6 +427,13 @@ def test_init_auto_without_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
         init()
     with pytest.raises(ValueError, match="unknown bootstrap method"):
         init("carrier-pigeon")
+
+
+@pytest.mark.parametrize("name", bootstrap.MPI_LAUNCHER_ENV)
+def test_under_mpiexec_reads_the_launcher_variables(name: str) -> None:
+    assert bootstrap.under_mpiexec({name: "0"})
+    assert not bootstrap.under_mpiexec({name: ""})
+    assert not bootstrap.under_mpiexec({"LOSSYMPI_RANK": "0"})
 
 
 def test_lossympi_bootstrap_does_not_import_tensorflow() -> None:
