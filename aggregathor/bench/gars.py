@@ -272,8 +272,6 @@ def _bench_rule(name: str, rule: Any, x: Any, x_host: np.ndarray, floor_fn: Any,
                 device: str) -> dict[str, Any]:
     import tensorflow as tf
 
-    from aggregathor.gars.reference import REFERENCES
-
     n, d = x_host.shape
     timed = _timer(device)
     fn = rule.function(d, tf.float32)
@@ -313,13 +311,28 @@ def _bench_rule(name: str, rule: Any, x: Any, x_host: np.ndarray, floor_fn: Any,
     }
     log(f"  {name:18s} {seconds * 1e3:10.2f} ms  floor {floor_s * 1e3:8.2f} ms  x{seconds / floor_s:.2f}"
         f"  (compile {compile_s:.2f} s)")
-    ref = REFERENCES.get(name)
+    _compare_with_reference(rec, rule, seconds, x_host, out_host, args)
+    return rec
+
+
+def _compare_with_reference(rec: dict[str, Any], rule: Any, seconds: float, x_host: np.ndarray,
+                            out_host: np.ndarray | None, args: argparse.Namespace) -> None:
+    """Time the rule's numpy reference on the same input (or a probe of its first columns) into ``rec``.
+
+    ``rec`` is :func:`_bench_rule`'s record, ``seconds`` the rule's median time, ``out_host`` its output on ``x_host``
+    (None with ``--no-reference``). Fills the ``reference_*`` and ``speedup_*`` fields, or says in
+    ``reference_skipped`` why the reference did not run.
+    """
+    from aggregathor.gars.reference import REFERENCES
+
+    d = x_host.shape[1]
+    ref = REFERENCES.get(rec["rule"])
     if args.no_reference:
         rec["reference_skipped"] = "--no-reference"
-        return rec
+        return
     if ref is None:
         rec["reference_skipped"] = "no numpy reference for this rule in aggregathor.gars.reference"
-        return rec
+        return
     params = _reference_params(rule, ref)
     if d > args.reference_probe_d:
         k = args.reference_probe_d
@@ -338,7 +351,7 @@ def _bench_rule(name: str, rule: Any, x: Any, x_host: np.ndarray, floor_fn: Any,
         if rec["reference_skipped"]:
             log(f"  {'':18s} reference skipped: {rec['reference_skipped']}; probe {probe:.2f} s "
                 f"(speedup at least x{probe / seconds:.1f})")
-            return rec
+            return
         log(f"  {'':18s} reference probe {probe:.2f} s on {k} columns; full run ~{estimate:.0f} s")
     ref_times = []
     result = None
@@ -356,7 +369,6 @@ def _bench_rule(name: str, rule: Any, x: Any, x_host: np.ndarray, floor_fn: Any,
     rec["reference_max_abs_diff"] = _round(float(np.max(np.abs(out_host - np.asarray(result)))), 4)
     log(f"  {'':18s} reference {ref_s:.2f} s: speedup x{ref_s / seconds:.1f}, "
         f"max |diff| {rec['reference_max_abs_diff']:.2g}")
-    return rec
 
 
 def _failed(name: str, n: int, f: int, d: int, device: str, exc: BaseException) -> dict[str, Any]:

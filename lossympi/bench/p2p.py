@@ -537,7 +537,8 @@ def _round(x: Any, digits: int = 4) -> Any:
     return round(x, digits) if isinstance(x, float) and math.isfinite(x) else x
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def _check_arguments(args: argparse.Namespace) -> tuple[list[float], list[str]]:
+    """The pacing rates and variant names of the command line; exits with a one-line error on a bad flag."""
     if args.repeats < 1 or args.megabytes <= 0:
         raise SystemExit("--repeats must be >= 1 and --megabytes > 0")
     if not 64 <= args.datagram <= 65507:
@@ -547,17 +548,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for v in variant_names:
         if v not in VARIANTS:
             raise SystemExit(f"unknown variant {v!r}; choose among {', '.join(VARIANTS)} or 'none'")
-    nbytes = int(args.megabytes * 1e6) // 4 * 4
-    t_start = time.monotonic()
-    meter = CpuMeter()
-    host = host_info()
-    load_before = os.getloadavg()
-    if load_before[0] > 0.5:
-        log(f"warning: load average {load_before[0]:.2f} before the run; other processes may skew "
-            "the numbers")
-    log(f"{nbytes} bytes per transfer, datagram {args.datagram} B, {args.repeats} repeats, "
-        f"nproc {host['nproc']}, kernel {host['kernel']}")
+    return rates, variant_names
 
+
+def _configs(args: argparse.Namespace, variant_names: list[str], rates: list[float]) -> list[_Config]:
+    """The measured lossympi configurations: the main one first, then the variants, then its paced copies."""
     main_cfg = _Config("main", auth=not args.no_auth, gso=False if args.no_gso else "auto",
                        gro=False if args.no_gro else "auto", rate_gbps=args.rate)
     configs = [main_cfg]
@@ -570,9 +565,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for r in rates:
         configs.append(_Config(f"paced{fmt(r, 3).rstrip('0').rstrip('.')}G", auth=main_cfg.auth,
                                gso=main_cfg.gso, gro=main_cfg.gro, rate_gbps=r))
+    return configs
 
-    usable = sorted(os.sched_getaffinity(0))
-    cpus = (usable[0], usable[1]) if args.pin == "auto" and len(usable) >= 2 else None
+
+def _measure_pair(args: argparse.Namespace, configs: list[_Config], nbytes: int,
+                  cpus: tuple[int, int] | None) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Every lossympi configuration and (unless ``--no-tcp``) TCP, between one sender and one receiver process."""
     pair = _Pair(cpus)
     try:
         pair.call("receiver", "alloc", nbytes=nbytes)
@@ -581,29 +579,47 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results = [_measure_lossympi(pair, c, args, nbytes, digest) for c in configs]
     finally:
         pair.close()
+    return results, tcp
 
+
+def _measure_iperf3_if_found(args: argparse.Namespace, nbytes: int, rates: list[float],
+                             cpus: tuple[int, int] | None) -> tuple[dict[str, Any] | None, str | None]:
+    """iperf3's measurements, or None and a note saying why there are none."""
     iperf3_exe = shutil.which("iperf3")
-    iperf3: dict[str, Any] | None = None
-    iperf3_note = None
     if args.no_iperf3:
-        iperf3_note = "skipped (--no-iperf3)"
-    elif iperf3_exe is None:
-        iperf3_note = "iperf3 not found on PATH (apt-get install iperf3); iperf3 numbers are null"
-        log(iperf3_note)
-    else:
+        return None, "skipped (--no-iperf3)"
+    note = "iperf3 not found on PATH (apt-get install iperf3); iperf3 numbers are null"
+    if iperf3_exe is not None:
         try:
-            iperf3 = _measure_iperf3(iperf3_exe, args, nbytes, rates, cpus)
+            return _measure_iperf3(iperf3_exe, args, nbytes, rates, cpus), None
         except (RuntimeError, OSError, subprocess.SubprocessError, KeyError) as exc:
-            iperf3_note = f"iperf3 failed: {exc}"
-            log(iperf3_note)
+            note = f"iperf3 failed: {exc}"
+    log(note)
+    return None, note
 
+
+def _targets(ratio_iperf3: float | None, ratio_tcp: float | None, main_loss: float | None) -> dict[str, Any]:
+    return {
+        "vs_iperf3": {"want": TARGET_VS_IPERF3, "got": ratio_iperf3,
+                      "met": None if ratio_iperf3 is None else ratio_iperf3 >= TARGET_VS_IPERF3},
+        "vs_tcp": {"want": TARGET_VS_TCP, "got": ratio_tcp,
+                   "met": None if ratio_tcp is None else ratio_tcp >= TARGET_VS_TCP},
+        "loss": {"want_below": LOSS_TARGET, "got": _round(main_loss, 6),
+                 "met": None if main_loss is None else main_loss < LOSS_TARGET},
+    }
+
+
+def _summary(args: argparse.Namespace, nbytes: int, cpus: tuple[int, int] | None, configs: list[_Config],
+             results: list[dict[str, Any]], tcp: dict[str, Any] | None, iperf3: dict[str, Any] | None,
+             iperf3_note: str | None) -> dict[str, Any]:
+    """The result's measurements and ratios (everything but the host and timing fields)."""
     main = results[0]
     lossympi_gbps = main["gbps"]
     # Candidates for "best with < 1% loss": the main configuration and its paced copies.
-    same = [r for r, c in zip(results, configs, strict=True) if c is main_cfg or c.name.startswith("paced")]
+    same = [r for r, c in zip(results, configs, strict=True) if c is configs[0] or c.name.startswith("paced")]
     loss_ok = [r for r in same if r["delivered_fraction"] is not None
                and 1 - r["delivered_fraction"] < LOSS_TARGET]
-    best_lossympi = max(loss_ok, key=lambda r: r["gbps"]) if loss_ok else None
+    best = max(loss_ok, key=lambda r: r["gbps"]) if loss_ok else None
     unpaced = iperf3["configs"][0] if iperf3 else None
     iperf3_best = iperf3["best"] if iperf3 else None
     iperf3_gbps = (iperf3_best or unpaced or {}).get("gbps")
@@ -611,8 +627,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ratio_iperf3 = _ratio(lossympi_gbps, iperf3_gbps)
     ratio_tcp = _ratio(lossympi_gbps, tcp_gbps)
     main_loss = 1 - main["delivered_fraction"] if main["delivered_fraction"] is not None else None
-
-    result: dict[str, Any] = {
+    return {
         "benchmark": "p2p",
         "transport": "loopback 127.0.0.1",
         "megabytes": args.megabytes,
@@ -638,32 +653,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tcp_gbps": _round(tcp_gbps),
         "ratio_vs_iperf3": ratio_iperf3,
         "ratio_vs_tcp": ratio_tcp,
-        "lossympi_best_gbps": _round(best_lossympi["gbps"]) if best_lossympi else None,
-        "lossympi_best_rate_gbps": best_lossympi["rate_gbps"] if best_lossympi else None,
-        "lossympi_best_delivered_fraction": _round(best_lossympi["delivered_fraction"], 6)
-        if best_lossympi else None,
-        "ratio_best_vs_iperf3": _ratio(best_lossympi["gbps"], iperf3_gbps) if best_lossympi else None,
-        "ratio_best_vs_tcp": _ratio(best_lossympi["gbps"], tcp_gbps) if best_lossympi else None,
-        "targets": {
-            "vs_iperf3": {"want": TARGET_VS_IPERF3, "got": ratio_iperf3,
-                          "met": None if ratio_iperf3 is None else ratio_iperf3 >= TARGET_VS_IPERF3},
-            "vs_tcp": {"want": TARGET_VS_TCP, "got": ratio_tcp,
-                       "met": None if ratio_tcp is None else ratio_tcp >= TARGET_VS_TCP},
-            "loss": {"want_below": LOSS_TARGET, "got": _round(main_loss, 6),
-                     "met": None if main_loss is None else main_loss < LOSS_TARGET},
-        },
+        "lossympi_best_gbps": _round(best["gbps"]) if best else None,
+        "lossympi_best_rate_gbps": best["rate_gbps"] if best else None,
+        "lossympi_best_delivered_fraction": _round(best["delivered_fraction"], 6) if best else None,
+        "ratio_best_vs_iperf3": _ratio(best["gbps"], iperf3_gbps) if best else None,
+        "ratio_best_vs_tcp": _ratio(best["gbps"], tcp_gbps) if best else None,
+        "targets": _targets(ratio_iperf3, ratio_tcp, main_loss),
         "variants": [{k: _round(v) for k, v in r.items()} for r in results],
         "iperf3": None if iperf3 is None else {
             "window": iperf3["window"],
             "configs": [{k: _round(v) for k, v in c.items()} for c in iperf3["configs"]],
         },
         "tcp": None if tcp is None else {k: _round(v) for k, v in tcp.items()},
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    rates, variant_names = _check_arguments(args)
+    nbytes = int(args.megabytes * 1e6) // 4 * 4
+    t_start = time.monotonic()
+    meter = CpuMeter()
+    host = host_info()
+    load_before = os.getloadavg()
+    if load_before[0] > 0.5:
+        log(f"warning: load average {load_before[0]:.2f} before the run; other processes may skew "
+            "the numbers")
+    log(f"{nbytes} bytes per transfer, datagram {args.datagram} B, {args.repeats} repeats, "
+        f"nproc {host['nproc']}, kernel {host['kernel']}")
+    configs = _configs(args, variant_names, rates)
+    usable = sorted(os.sched_getaffinity(0))
+    cpus = (usable[0], usable[1]) if args.pin == "auto" and len(usable) >= 2 else None
+    results, tcp = _measure_pair(args, configs, nbytes, cpus)
+    iperf3, iperf3_note = _measure_iperf3_if_found(args, nbytes, rates, cpus)
+    result = _summary(args, nbytes, cpus, configs, results, tcp, iperf3, iperf3_note)
+    result.update({
         "host": host,
         "contention": meter.stop(),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "elapsed_s": round(time.monotonic() - t_start, 2),
-    }
+    })
     return result
 
 
