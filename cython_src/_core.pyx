@@ -4,7 +4,8 @@
 Sends numpy buffers as authenticated UDP datagrams (sendmmsg, optional UDP GSO), receives them
 (recvmmsg, optional UDP GRO), validates every field before a byte is written, copies each chunk to its
 offset in the posted buffer and tracks arrivals in a bitmap. Every loop runs without the GIL. The wire
-format is specified in docs/protocol.md; the constants below must agree with ``lossympi.wire``.
+format is specified in docs/protocol.md. This module is the one source of the format's constants:
+``lossympi.wire`` imports them from here (``HEADER_FIELDS``, ``KIND_DATA``, ``DTYPE_CODES``, ...).
 """
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -16,14 +17,31 @@ __version__ = "0.1.0"
 DEF HEADER_BYTES = 32
 DEF MAC_BYTES = 16
 DEF VERSION = 1
-DEF KIND_DATA = 1
-DEF KIND_FIN = 2
-DEF FLAG_MAC = 1
+DEF K_DATA = 1
+DEF K_FIN = 2
+DEF F_MAC = 1
+DEF DEFAULT_DGRAM = 1472        # a 1500-byte MTU minus 20 (IPv4) and 8 (UDP) bytes
+DEF MAX_DGRAM = 65507           # the largest UDP/IPv4 payload
 DEF RECV_BATCH = 32
 DEF RECV_BUF = 65536
 DEF MAX_GSO_SEGS = 64
 DEF GSO_MAX_BYTES = 65000
 DEF SEND_MSGS = 16
+
+# Header field offsets (little-endian); HEADER_FIELDS below names them for Python.
+DEF O_VERSION = 0
+DEF O_KIND = 1
+DEF O_DTYPE = 2
+DEF O_FLAGS = 3
+DEF O_SRC = 4
+DEF O_TAG = 8
+DEF O_TID = 16
+DEF O_INDEX = 20
+DEF O_COUNT = 24
+DEF O_LENGTH = 28
+DEF O_STRIDE = 30
+
+cdef uint64_t TAG_RESERVED = 0xFFFFFFFFFFFFFFFF  # refused on receive: the completed-tag map stores tag + 1
 
 # Reject reasons (indices into the reject counters); order matches REJECT_REASONS.
 DEF R_SHORT = 0
@@ -38,6 +56,26 @@ REJECT_REASONS = ("short", "header", "rank", "size", "mac", "shape")
 HEADER_SIZE = HEADER_BYTES
 MAC_SIZE = MAC_BYTES
 PROTOCOL_VERSION = VERSION
+KIND_DATA = K_DATA
+KIND_FIN = K_FIN
+FLAG_MAC = F_MAC
+DEFAULT_DATAGRAM_BYTES = DEFAULT_DGRAM
+MAX_DATAGRAM_BYTES = MAX_DGRAM
+RESERVED_TAG = int(TAG_RESERVED)
+#: ``(name, byte offset, struct code)`` of every header field, in order; the offsets are the ones the core uses.
+HEADER_FIELDS = (
+    ("version", O_VERSION, "B"), ("kind", O_KIND, "B"), ("dtype", O_DTYPE, "B"), ("flags", O_FLAGS, "B"),
+    ("src", O_SRC, "I"), ("tag", O_TAG, "Q"), ("tensor_id", O_TID, "I"), ("index", O_INDEX, "I"),
+    ("count", O_COUNT, "I"), ("length", O_LENGTH, "H"), ("stride", O_STRIDE, "H"),
+)
+#: The header as a ``struct`` format (little-endian, no padding).
+HEADER_FORMAT = "<" + "".join(code for _name, _off, code in HEADER_FIELDS)
+#: Wire code of each element type (numpy dtype name -> code). The core treats the code as opaque: a receive
+#: takes only datagrams whose code equals its own.
+DTYPE_CODES = {
+    "int8": 1, "uint8": 2, "int16": 3, "uint16": 4, "int32": 5, "uint32": 6, "int64": 7, "uint64": 8,
+    "float16": 9, "float32": 10, "float64": 11, "bfloat16": 12,
+}
 
 
 cdef extern from "lm_blake2b.h" nogil:
@@ -155,10 +193,10 @@ def blake2b_mac_x4(list keys, list headers, list payloads, bint vector=True):
 
 def stride_for(int datagram_bytes):
     """Chunk payload bytes for a datagram size: ``floor((datagram_bytes - 48) / 16) * 16``."""
-    if datagram_bytes < HEADER_BYTES + MAC_BYTES + 16 or datagram_bytes > 65507:
+    if datagram_bytes < HEADER_BYTES + MAC_BYTES + 16 or datagram_bytes > MAX_DGRAM:
         raise ValueError(
-            f"datagram_bytes={datagram_bytes} is out of range: use 64..65507 "
-            "(1472 fits a 1500-byte MTU; 8972 a 9000-byte jumbo MTU)")
+            f"datagram_bytes={datagram_bytes} is out of range: use 64..{MAX_DGRAM} "
+            f"({DEFAULT_DGRAM} fits a 1500-byte MTU; 8972 a 9000-byte jumbo MTU)")
     return ((datagram_bytes - HEADER_BYTES - MAC_BYTES) // 16) * 16
 
 
@@ -184,6 +222,11 @@ cdef struct Slot:
     uint64_t dup
     uint64_t bytes_recv
     int fin            # the sender said it has sent everything (a FIN datagram arrived)
+    # the receive's window of the per-claimed-rank counters: at the post, and when the last chunk arrived
+    uint64_t rej0[N_REASONS]
+    uint64_t rej1[N_REASONS]
+    uint64_t stale0
+    uint64_t stale1
 
 
 cdef inline uint64_t _mix(uint64_t x) nogil:
@@ -262,13 +305,13 @@ cdef class Core:
     cdef readonly uint64_t pooled
     cdef readonly int last_errno
     cdef uint64_t rejects[N_REASONS]
-    cdef uint64_t *rejected_src     # by the rank the datagram claims (header src)
+    cdef uint64_t *rejected_src     # nranks x N_REASONS: by the rank the datagram claims (header src)
     cdef uint64_t *stale_src
     cdef uint64_t *rejected_sender  # (nranks + 1) x N_REASONS: by the rank that really sent it; row nranks: unknown
     cdef uint64_t *overflow_src
     cdef int last_sender
 
-    def __cinit__(self, int fd, int rank, int nranks, *, bint auth=True, int datagram_bytes=1472,
+    def __cinit__(self, int fd, int rank, int nranks, *, bint auth=True, int datagram_bytes=DEFAULT_DGRAM,
                   bint gso=False, int max_slots=1024, uint64_t unexpected_bytes=64 << 20,
                   bint check_address=False):
         cdef int i
@@ -288,7 +331,7 @@ cdef class Core:
         self.has_key = <uint8_t *>calloc(nranks, 1)
         self.peers = <lm_addr *>calloc(nranks, sizeof(lm_addr))
         self.has_peer = <uint8_t *>calloc(nranks, 1)
-        self.rejected_src = <uint64_t *>calloc(nranks, sizeof(uint64_t))
+        self.rejected_src = <uint64_t *>calloc(<size_t>nranks * N_REASONS, sizeof(uint64_t))
         self.stale_src = <uint64_t *>calloc(nranks, sizeof(uint64_t))
         self.rejected_sender = <uint64_t *>calloc(<size_t>(nranks + 1) * N_REASONS, sizeof(uint64_t))
         self.overflow_src = <uint64_t *>calloc(nranks, sizeof(uint64_t))
@@ -379,8 +422,18 @@ cdef class Core:
         return {REJECT_REASONS[i]: int(self.rejects[i]) for i in range(N_REASONS)}
 
     def rejected_from(self, int peer):
+        """Rejected datagrams whose header claims to come from ``peer`` (every reason)."""
+        return sum(self.rejects_from(peer))
+
+    def rejects_from(self, int peer):
+        """Rejected datagrams whose header claims to come from ``peer``, by reason (``REJECT_REASONS`` order).
+
+        The claim is the header's ``src`` of a datagram of at least ``HEADER_SIZE`` bytes with ``src < nranks``,
+        whatever check it failed (a ``header`` reject included).
+        """
         self._check_rank(peer)
-        return int(self.rejected_src[peer])
+        cdef int i
+        return [int(self.rejected_src[<size_t>peer * N_REASONS + i]) for i in range(N_REASONS)]
 
     def stale_from(self, int peer):
         self._check_rank(peer)
@@ -472,11 +525,19 @@ cdef class Core:
                 return i
         return self.nranks
 
+    cdef inline int64_t _claimed(self, const uint8_t *d, uint32_t L) noexcept nogil:
+        """The rank a datagram's header claims, or -1 (shorter than a header, or ``src`` is no rank)."""
+        cdef uint32_t src
+        if L < HEADER_BYTES:
+            return -1
+        src = lm_ld32(d + O_SRC)
+        return src if src < <uint32_t>self.nranks else -1
+
     cdef inline void _reject(self, int reason, int64_t src, int sender) noexcept nogil:
         """Count a drop: ``src`` is the rank the header claims (-1: none), ``sender`` the one that sent it."""
         self.rejects[reason] += 1
         if src >= 0:
-            self.rejected_src[src] += 1
+            self.rejected_src[<size_t>src * N_REASONS + reason] += 1
         self.rejected_sender[<size_t>sender * N_REASONS + reason] += 1
 
     cdef int _find_slot(self, uint32_t src, uint64_t tag, uint32_t tid) noexcept nogil:
@@ -494,12 +555,12 @@ cdef class Core:
     cdef void _deliver(self, int s, const uint8_t *d, uint32_t plen) noexcept nogil:
         """Step 7 of docs/protocol.md: shape checks, then the only write into a user buffer."""
         cdef Slot *sl = &self.slots[s]
-        cdef uint32_t index = lm_ld32(d + 20)
-        cdef uint32_t count = lm_ld32(d + 24)
-        cdef uint16_t stride = lm_ld16(d + 30)
+        cdef uint32_t index = lm_ld32(d + O_INDEX)
+        cdef uint32_t count = lm_ld32(d + O_COUNT)
+        cdef uint16_t stride = lm_ld16(d + O_STRIDE)
         cdef uint64_t expect
-        if d[1] == KIND_FIN:
-            if d[2] != sl.dtype or count != sl.count or stride != sl.stride:
+        if d[O_KIND] == K_FIN:  # index 0 and no payload: checked in step 2
+            if d[O_DTYPE] != sl.dtype or count != sl.count or stride != sl.stride:
                 self._reject(R_SHAPE, sl.src, sl.src)
                 return
             self.fins += 1
@@ -508,7 +569,7 @@ cdef class Core:
                 self.fin_list[self.nfin] = s
                 self.nfin += 1
             return
-        if d[2] != sl.dtype or count != sl.count or stride != sl.stride or index >= count:
+        if d[O_DTYPE] != sl.dtype or count != sl.count or stride != sl.stride or index >= count:
             self._reject(R_SHAPE, sl.src, sl.src)
             return
         if index + 1 < count:
@@ -530,8 +591,14 @@ cdef class Core:
         self.accepted += 1
         if sl.nrecv == sl.count and sl.state == 1:
             sl.state = 2
+            self._window_mark(sl, sl.rej1, &sl.stale1)
             self.done_list[self.ndone] = s
             self.ndone += 1
+
+    cdef inline void _window_mark(self, Slot *sl, uint64_t *rej, uint64_t *stale) noexcept nogil:
+        """Copy the counters of ``sl``'s sender claimed in headers (rejects by reason, stale) to ``rej``/``stale``."""
+        memcpy(rej, self.rejected_src + <size_t>sl.src * N_REASONS, N_REASONS * sizeof(uint64_t))
+        stale[0] = self.stale_src[sl.src]
 
     cdef void _pool_put(self, const uint8_t *d, uint32_t L, uint32_t src, uint64_t tag,
                         uint32_t tid) noexcept nogil:
@@ -568,7 +635,7 @@ cdef class Core:
             if (self.pool_used[e] and self.pool_src[e] == sl.src and self.pool_tid[e] == sl.tid
                     and self.pool_tag[e] == sl.tag):
                 d = self.pool + <size_t>e * self.pool_entry
-                self._deliver(s, d, lm_ld16(d + 28))
+                self._deliver(s, d, lm_ld16(d + O_LENGTH))
                 self._pool_release(e)
 
     cdef void _pool_purge(self, uint32_t src, uint32_t tid, uint64_t upto) noexcept nogil:
@@ -583,27 +650,32 @@ cdef class Core:
                 self.stale_src[src] += 1
 
     cdef int64_t _precheck(self, const uint8_t *d, uint32_t L, const lm_addr *frm) noexcept nogil:
-        """Steps 1-4 of docs/protocol.md (and the presence of a MAC and key); returns src or -1."""
+        """Steps 1-4 of docs/protocol.md (and the presence of a MAC and key); returns src or -1.
+
+        Every drop is charged to the rank the header claims (``src``) once the datagram holds a header whose
+        ``src`` is a rank, and to the rank whose address it came from.
+        """
         cdef uint32_t src, plen, maclen
+        cdef int64_t claim
         self.datagrams += 1
         if L < HEADER_BYTES:
             self._reject(R_SHORT, -1, self._sender_of(frm))
             return -1
-        if d[0] != VERSION or (d[1] != KIND_DATA and d[1] != KIND_FIN) or (d[3] & ~FLAG_MAC) != 0:
-            self._reject(R_HEADER, -1, self._sender_of(frm))
+        src = lm_ld32(d + O_SRC)
+        claim = self._claimed(d, L)
+        plen = lm_ld16(d + O_LENGTH)
+        if (d[O_VERSION] != VERSION or (d[O_KIND] != K_DATA and d[O_KIND] != K_FIN) or (d[O_FLAGS] & ~F_MAC) != 0
+                or lm_ld64(d + O_TAG) == TAG_RESERVED
+                or (d[O_KIND] == K_FIN and (plen != 0 or lm_ld32(d + O_INDEX) != 0))):
+            self._reject(R_HEADER, claim, self._sender_of(frm))
             return -1
-        src = lm_ld32(d + 4)
-        if src >= <uint32_t>self.nranks:
+        if claim < 0:
             self._reject(R_RANK, -1, self._sender_of(frm))
             return -1
         if self.check_address and self.has_peer[src] and not lm_addr_eq(frm, &self.peers[src]):
             self._reject(R_RANK, src, self._sender_of(frm))
             return -1
-        plen = lm_ld16(d + 28)
-        maclen = MAC_BYTES if (d[3] & FLAG_MAC) else 0
-        if d[1] == KIND_FIN and plen != 0:
-            self._reject(R_HEADER, -1, self._sender_of(frm))
-            return -1
+        maclen = MAC_BYTES if (d[O_FLAGS] & F_MAC) else 0
         if HEADER_BYTES + plen + maclen != L:
             self._reject(R_SIZE, src, self._sender_of(frm))
             return -1
@@ -614,15 +686,15 @@ cdef class Core:
 
     cdef void _dispatch(self, const uint8_t *d, uint32_t L, uint32_t src) noexcept nogil:
         """Steps 6-7 for an authenticated datagram: its open receive, or stale, or the pool."""
-        cdef uint64_t tag = lm_ld64(d + 8), done
-        cdef uint32_t tid = lm_ld32(d + 16)
+        cdef uint64_t tag = lm_ld64(d + O_TAG), done
+        cdef uint32_t tid = lm_ld32(d + O_TID)
         cdef int s = self._find_slot(src, tag, tid)
         if s >= 0:
-            self._deliver(s, d, lm_ld16(d + 28))
+            self._deliver(s, d, lm_ld16(d + O_LENGTH))
             return
         done = self._cm_get(src, tid)
         if done != 0 and tag < done:
-            if d[1] == KIND_FIN:  # the end of a message already closed: nothing to do, nothing wrong
+            if d[O_KIND] == K_FIN:  # the end of a message already closed: nothing to do, nothing wrong
                 self.fins += 1
                 return
             self.stale += 1
@@ -694,9 +766,9 @@ cdef class Core:
                 h = &self.rmsgs[i].msg_hdr
                 L = self.rmsgs[i].msg_len
                 buf = self.rbufs + <size_t>i * RECV_BUF
-                if h.msg_flags & MSG_TRUNC:
+                if h.msg_flags & MSG_TRUNC:  # longer than any UDP/IPv4 datagram: a GRO batch cut short
                     self.datagrams += 1
-                    self._reject(R_SIZE, -1, self._sender_of(&self.raddrs[i]))
+                    self._reject(R_SIZE, self._claimed(buf, L), self._sender_of(&self.raddrs[i]))
                     continue
                 seg = lm_msg_gro_size(h)
                 if seg <= 0 or <uint32_t>seg > L:
@@ -788,6 +860,7 @@ cdef class Core:
         self.slots[s].dup = 0
         self.slots[s].bytes_recv = 0
         self.slots[s].fin = 0
+        self._window_mark(&self.slots[s], self.slots[s].rej0, &self.slots[s].stale0)
         self.slot_refs[s] = (ref, buf, bitmap)
         with nogil:
             self._pool_drain(s)
@@ -819,12 +892,19 @@ cdef class Core:
     def close(self, int s):
         """Close slot ``s``: no datagram writes into its buffer after this returns.
 
-        Returns ``(chunks_received, duplicates, bytes_received)``.
+        Returns ``(chunks_received, duplicates, bytes_received, stale, rejects)``. ``stale`` and ``rejects`` (a
+        list in ``REJECT_REASONS`` order) count the datagrams that claimed the slot's sender in their header and
+        were stale or rejected from the post (pooled datagrams of this message included) until the last chunk
+        arrived, or, for an incomplete receive, until now.
         """
         if not 0 <= s < self.nslots or self.slots[s].state == 0:
             raise ValueError(f"slot {s} is not open")
         cdef Slot *sl = &self.slots[s]
-        out = (int(sl.nrecv), int(sl.dup), int(sl.bytes_recv))
+        cdef int j
+        if sl.state == 1:
+            self._window_mark(sl, sl.rej1, &sl.stale1)
+        out = (int(sl.nrecv), int(sl.dup), int(sl.bytes_recv), int(sl.stale1 - sl.stale0),
+               [int(sl.rej1[j] - sl.rej0[j]) for j in range(N_REASONS)])
         if self._cm_set(sl.src, sl.tid, sl.tag) != 0:
             raise MemoryError("lossympi core: cannot grow the completed-tag table")
         with nogil:
@@ -886,10 +966,9 @@ cdef class Core:
             raise OSError(-r, f"lossympi send to rank {dst} failed: {_os.strerror(-r)}")
         return r
 
-    def send_fin(self, int dst, int dtype_code, uint64_t tag, uint32_t tid, uint64_t nbytes, uint32_t sent,
-                 int copies=3):
-        """Announce to ``dst`` that message ``(tag, tid)`` of ``nbytes`` bytes is fully sent (``sent``
-        datagrams); ``copies`` identical FIN datagrams make a lost announcement unlikely."""
+    def send_fin(self, int dst, int dtype_code, uint64_t tag, uint32_t tid, uint64_t nbytes, int copies=3):
+        """Announce to ``dst`` that message ``(tag, tid)`` of ``nbytes`` bytes is fully sent; ``copies``
+        identical FIN datagrams (index 0, no payload) make a lost announcement unlikely."""
         self._check_rank(dst)
         if not self.has_peer[dst] or (self.auth and not self.has_key[dst]):
             raise ValueError(f"no address or key for rank {dst}")
@@ -901,17 +980,7 @@ cdef class Core:
         cdef int i, r, err
         if not 1 <= copies <= 4:
             raise ValueError("copies must be 1..4")
-        buf[0] = VERSION
-        buf[1] = KIND_FIN
-        buf[2] = <uint8_t>dtype_code
-        buf[3] = FLAG_MAC if self.auth else 0
-        lm_st32(buf + 4, <uint32_t>self.rank)
-        lm_st64(buf + 8, tag)
-        lm_st32(buf + 16, tid)
-        lm_st32(buf + 20, sent)
-        lm_st32(buf + 24, <uint32_t>count)
-        lm_st16(buf + 28, 0)
-        lm_st16(buf + 30, <uint16_t>self.stride)
+        self._put_header(buf, K_FIN, <uint8_t>dtype_code, tag, tid, 0, <uint32_t>count, 0)
         if self.auth:
             lm_mac2(&self.keys[dst], buf, HEADER_BYTES, NULL, 0, buf + HEADER_BYTES)
         iov.iov_base = buf
@@ -927,6 +996,21 @@ cdef class Core:
             err = lm_errno() if r < 0 else 0
         # A FIN that cannot be sent is only an optimisation lost: the receiver falls back to its deadline.
         return r if r >= 0 else -err
+
+    cdef inline void _put_header(self, uint8_t *h, uint8_t kind, uint8_t dtype, uint64_t tag, uint32_t tid,
+                                 uint32_t index, uint32_t count, uint16_t length) noexcept nogil:
+        """Write the 32-byte header of one of this rank's datagrams (docs/protocol.md, "Datagram layout")."""
+        h[O_VERSION] = VERSION
+        h[O_KIND] = kind
+        h[O_DTYPE] = dtype
+        h[O_FLAGS] = F_MAC if self.auth else 0
+        lm_st32(h + O_SRC, <uint32_t>self.rank)
+        lm_st64(h + O_TAG, tag)
+        lm_st32(h + O_TID, tid)
+        lm_st32(h + O_INDEX, index)
+        lm_st32(h + O_COUNT, count)
+        lm_st16(h + O_LENGTH, length)
+        lm_st16(h + O_STRIDE, <uint16_t>self.stride)
 
     cdef void _mac_segments(self, int dst, uint8_t *hm, const uint8_t **spay, const uint32_t *slen,
                             int ns) noexcept nogil:
@@ -1015,17 +1099,7 @@ cdef class Core:
                     if k > 0 and <int>(HEADER_BYTES + plen + maclen) != seg_full:
                         break
                     h = hm + <size_t>ns * (HEADER_BYTES + MAC_BYTES)
-                    h[0] = VERSION
-                    h[1] = KIND_DATA
-                    h[2] = dtype
-                    h[3] = FLAG_MAC if self.auth else 0
-                    lm_st32(h + 4, <uint32_t>self.rank)
-                    lm_st64(h + 8, tag)
-                    lm_st32(h + 16, tid)
-                    lm_st32(h + 20, ci)
-                    lm_st32(h + 24, count)
-                    lm_st16(h + 28, <uint16_t>plen)
-                    lm_st16(h + 30, <uint16_t>self.stride)
+                    self._put_header(h, K_DATA, dtype, tag, tid, ci, count, <uint16_t>plen)
                     payload = base + <uint64_t>ci * self.stride if plen else h
                     spay[ns] = payload
                     slen[ns] = plen
@@ -1058,7 +1132,7 @@ cdef class Core:
                     elif self.auth:
                         h[HEADER_BYTES] ^= 0x10
                     else:
-                        h[8] ^= 0x10
+                        h[O_TAG] ^= 0x10
             # Pace: wait until this batch fits in the token bucket.
             if rate_bps > 0:
                 due = t0 + <uint64_t>(sent_bytes * ns_per_byte)

@@ -23,7 +23,7 @@ import numpy as np
 
 from lossympi import _core
 from lossympi.fill import FillPolicy, apply_fill, check_policy
-from lossympi.wire import DEFAULT_DATAGRAM_BYTES, dtype_code
+from lossympi.wire import DEFAULT_DATAGRAM_BYTES, REJECT_REASONS, chunk_count, dtype_code
 
 if TYPE_CHECKING:
     from lossympi.bootstrap import World
@@ -64,14 +64,20 @@ class EndpointCounters:
         Authentic datagrams of closed messages (replays, late chunks), by sender.
     pool_drops : ndarray of int64, shape (size,)
         Authentic early datagrams dropped because the sender's share of the unexpected pool was full.
+    claimed : ndarray of int64, shape (size, len(REJECT_REASONS))
+        Refused datagrams by the rank their header claims (``src``, read from any datagram of at least 32 bytes
+        whose ``src`` is a rank, whatever check it failed), then by reason: what a receive's ``reject_reasons``
+        counts. Unlike ``rejects``, a rank that forges another's ``src`` is charged to its victim here.
     """
 
     rejects: np.ndarray
     stale: np.ndarray
     pool_drops: np.ndarray
+    claimed: np.ndarray
 
     def __sub__(self, mark: EndpointCounters) -> EndpointCounters:
-        return EndpointCounters(self.rejects - mark.rejects, self.stale - mark.stale, self.pool_drops - mark.pool_drops)
+        return EndpointCounters(self.rejects - mark.rejects, self.stale - mark.stale, self.pool_drops - mark.pool_drops,
+                                self.claimed - mark.claimed)
 
     @property
     def rejected(self) -> int:
@@ -83,7 +89,7 @@ class EndpointCounters:
         size = self.rejects.shape[0] - 1
         out: dict[str, dict[str, int]] = {}
         for r, row in enumerate(self.rejects):
-            counts = {reason: int(n) for reason, n in zip(_core.REJECT_REASONS, row, strict=True) if n}
+            counts = {reason: int(n) for reason, n in zip(REJECT_REASONS, row, strict=True) if n}
             if counts:
                 out["unknown" if r == size else str(r)] = counts
         return out
@@ -103,10 +109,15 @@ class RecvResult:
         Elements per chunk (the last chunk may hold fewer).
     delivered : float
         Fraction of the message's bytes that arrived (1.0 for an empty message that arrived).
-    received, duplicate, stale, rejected : int
-        Datagrams accepted into this message; duplicates of chunks already there; datagrams from this
-        peer that were too old to use; datagrams claiming to come from this peer that failed validation
-        while the receive was open.
+    received, duplicate : int
+        Datagrams accepted into this message; duplicates of chunks already there.
+    stale, rejected : int
+        Datagrams whose header claims this peer as ``src`` and that were too old to use (``stale``) or failed
+        validation (``rejected``) during the receive's window: from the post (datagrams of this message that
+        waited in the unexpected pool included) until its last chunk arrived, or, when it did not complete, until
+        it ended (deadline, or ``fin_grace`` after the FIN). Other messages of the same peer count too.
+    reject_reasons : dict of str to int
+        ``rejected`` by reason, one key per :data:`lossympi.wire.REJECT_REASONS` (zeros included).
     bytes_received : int
         Payload bytes written into ``array``.
     elapsed : float
@@ -129,6 +140,7 @@ class RecvResult:
     peer: int
     tag: int
     tensor_id: int
+    reject_reasons: dict[str, int] = field(default_factory=dict)
 
     def element_mask(self) -> np.ndarray:
         """Per-element mask (same shape as ``array``): True where the value arrived."""
@@ -167,8 +179,6 @@ class _Pending:
     count: int
     fill: FillPolicy
     started: float
-    stale0: int
-    rejected0: int
     deadline: float = 0.0
     timer: asyncio.TimerHandle | None = None
     fin_arrivals: int = -1  # data datagrams seen when the sender's FIN came (-1: no FIN yet)
@@ -220,6 +230,11 @@ def _grow_buffer(sock: socket.socket, opt: int, force_opt: int, want: int, sysct
 class Endpoint:
     """One rank's lossy UDP endpoint.
 
+    The endpoint reads its socket only while its event loop runs: from the first async call on (it then watches
+    the socket on that loop), or during a blocking call (``recv_blocking``, ``run``, ...) on its private loop.
+    Until then datagrams wait in the kernel's socket buffer (``rcvbuf`` bytes), where what does not fit is
+    dropped by the kernel, uncounted by lossympi (see docs/protocol.md, "When the endpoint reads").
+
     Parameters
     ----------
     rank, size : int
@@ -239,20 +254,30 @@ class Endpoint:
     rate_bps : float or None
         Send rate in bits per second (token bucket); None: unpaced (bursts still bounded).
     burst_bytes : int or None
-        Bytes a sender may run ahead of its rate; default a quarter of the receive buffer.
+        Bytes a sender may run ahead of its rate; default an eighth of the socket's receive buffer, at least
+        64 KiB (collectives give each of ``k`` senders to one receiver ``rcvbuf / (4 k)`` instead, see
+        :class:`lossympi.comm.Comm`).
     fill : str or callable
         Default fill policy for missing chunks (see :mod:`lossympi.fill`).
     faults : FaultInjector or None
         Inject drops, duplicates, reordering, delays and corruption on the send side.
     unexpected_bytes : int
-        Size of the pool that holds datagrams arriving before their receive is posted.
+        Memory of the pool that holds authenticated datagrams arriving before their receive is posted: cut into
+        entries of ``datagram_bytes`` bytes (one datagram each, whatever its length), of which each peer may hold
+        ``1 / (size - 1)`` (at least 16).
     buffer_bytes : int
         Socket send and receive buffer to ask of the kernel.
+    check_address : bool
+        Also refuse (reason ``rank``) a datagram whose header claims rank ``r`` but that did not come from ``r``'s
+        registered address. Off by default: the per-pair MAC already proves the origin, and NAT or multi-homed
+        hosts may send from another address. Settable later through the :attr:`check_address` property.
     send_fin : bool
         After a message, send three FIN datagrams that tell the receiver nothing more is coming, so that a
         lossy receive ends ``fin_grace`` seconds after the last datagram instead of at its deadline.
     fin_grace : float
         Seconds a receive still waits after its sender's FIN (for datagrams reordered behind it).
+    seed : int or None
+        Seed of the generator that draws the ``random`` fill.
     """
 
     def __init__(
@@ -350,6 +375,15 @@ class Endpoint:
     def gso(self) -> bool:
         return bool(self.core.gso)
 
+    @property
+    def check_address(self) -> bool:
+        """Whether a datagram must come from the registered address of the rank its header claims."""
+        return bool(self.core.check_address)
+
+    @check_address.setter
+    def check_address(self, on: bool) -> None:
+        self.core.check_address = bool(on)
+
     # ------------------------------------------------------------------ event loop plumbing
     def _attach(self) -> asyncio.AbstractEventLoop:
         if self._closed:
@@ -405,7 +439,7 @@ class Endpoint:
             return
         if p.timer is not None:
             p.timer.cancel()
-        received, duplicate, nbytes = self.core.close(slot)
+        received, duplicate, nbytes, stale, rejects = self.core.close(slot)
         chunk_mask = np.unpackbits(p.bitmap, bitorder="little")[: p.count].astype(bool)
         itemsize = p.out.dtype.itemsize
         chunk_elements = self.stride // itemsize
@@ -417,14 +451,15 @@ class Endpoint:
             delivered=(nbytes / p.out.nbytes) if p.out.nbytes else float(complete),
             received=received,
             duplicate=duplicate,
-            stale=self.core.stale_from(p.peer) - p.stale0,
-            rejected=self.core.rejected_from(p.peer) - p.rejected0,
+            stale=stale,
+            rejected=sum(rejects),
             bytes_received=nbytes,
             elapsed=time.monotonic() - p.started,
             complete=complete,
             peer=p.peer,
             tag=p.tag,
             tensor_id=p.tensor_id,
+            reject_reasons=dict(zip(REJECT_REASONS, rejects, strict=True)),
         )
         key = (p.peer, p.tensor_id)
         if not complete:
@@ -506,17 +541,13 @@ class Endpoint:
             raise ValueError(f"tensor_id {tensor_id} must be in [0, 2**32)")
         tag = self._next_tag(self._recv_tags, peer, tensor_id, tag, commit=False)
         flat = out.reshape(-1).view(np.uint8)
-        count = _core.chunk_count(flat.size, self.stride)
+        count = chunk_count(flat.size, self.stride)
         bitmap = np.zeros((count + 7) // 8, np.uint8)
-        # Counters before the post: datagrams that waited in the pool for this message and fail its shape
-        # check are rejected during the post, and belong to this receive's report.
-        stale0, rejected0 = self.core.stale_from(peer), self.core.rejected_from(peer)
         slot = self.core.post(peer, tag, tensor_id, flat, bitmap, code, out)
         # Only a successful post consumes the tag (a refused one must not shift the auto numbering).
         self._recv_tags[(peer, tensor_id)] = tag + 1
         fut = loop.create_future()
-        p = _Pending(fut, slot, peer, tag, tensor_id, out, flat, bitmap, count, policy, now, stale0, rejected0,
-                     deadline)
+        p = _Pending(fut, slot, peer, tag, tensor_id, out, flat, bitmap, count, policy, now, deadline)
         self._pending[slot] = p
         fut.add_done_callback(lambda f, s=slot: self._cancelled(s) if f.cancelled() else None)
         if self.core.is_complete(slot):
@@ -583,7 +614,7 @@ class Endpoint:
             raise ValueError(f"tensor_id {tensor_id} must be in [0, 2**32)")
         tag = self._next_tag(self._send_tags, peer, tensor_id, tag)
         flat = arr.reshape(-1).view(np.uint8)
-        count = _core.chunk_count(flat.size, self.stride)
+        count = chunk_count(flat.size, self.stride)
         plan = self.faults.plan(peer, count) if self.faults is not None else None
         return arr, flat, code, tag, count, plan
 
@@ -614,8 +645,7 @@ class Endpoint:
         if self.send_fin:
             # The end-of-message announcement, from the thread that sent the data (the same CPU's queue, so
             # it rarely overtakes them): the receiver stops waiting for chunks lost on the way.
-            await loop.run_in_executor(self._executor, self.core.send_fin, peer, code, tag, tensor_id, flat.size,
-                                       min(n, 0xFFFFFFFF))
+            await loop.run_in_executor(self._executor, self.core.send_fin, peer, code, tag, tensor_id, flat.size)
         return SendResult(peer, tag, tensor_id, n, flat.size, time.monotonic() - t0, count,
                           None if plan is None else plan.dropped)
 
@@ -641,11 +671,18 @@ class Endpoint:
 
     # ------------------------------------------------------------------ lifecycle
     def stats(self) -> dict[str, Any]:
-        """Endpoint-wide counters since creation."""
+        """Endpoint-wide counters since creation.
+
+        Keys: ``datagrams`` read from the socket (each GRO segment counts one), ``accepted`` chunks, ``duplicates``,
+        ``stale``, ``overflow`` (dropped, the unexpected pool or the sender's share being full), ``pooled`` (put in the
+        pool), ``pool_in_use``, ``fins`` (valid FINs, of open, future or closed messages), ``rejected`` (by reason),
+        ``rejected_by_sender`` (see :meth:`rejects_by_sender`), and the socket's ``gso``, ``gro``, ``auth``,
+        ``rcvbuf``, ``sndbuf`` and ``last_errno``.
+        """
         c = self.core
         return {
             "datagrams": c.datagrams, "accepted": c.accepted, "duplicates": c.duplicates,
-            "stale": c.stale, "overflow": c.overflow, "pooled": c.pooled, "pool_in_use": c.pool_in_use,
+            "stale": c.stale, "overflow": c.overflow, "pooled": c.pooled, "pool_in_use": c.pool_in_use, "fins": c.fins,
             "rejected": c.rejects_by_reason(),
             "rejected_by_sender": self.rejects_by_sender(), "gso": self.gso, "gro": self.gro, "auth": self.auth,
             "rcvbuf": self.rcvbuf, "sndbuf": self.sndbuf, "last_errno": errno.errorcode.get(c.last_errno),
@@ -670,7 +707,8 @@ class Endpoint:
         c = self.core
         return EndpointCounters(np.array(c.rejects_by_sender(), np.int64),
                                 np.array([c.stale_from(r) for r in range(self.size)], np.int64),
-                                np.array([c.overflow_from(r) for r in range(self.size)], np.int64))
+                                np.array([c.overflow_from(r) for r in range(self.size)], np.int64),
+                                np.array([c.rejects_from(r) for r in range(self.size)], np.int64))
 
     def readmit(self, rank: int, address: tuple[str, int], key: bytes | None) -> None:
         """Install a new UDP address and pair key for ``rank`` (a restarted peer that rejoined).

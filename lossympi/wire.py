@@ -1,7 +1,8 @@
 """The lossympi datagram format (docs/protocol.md), in Python.
 
-The Cython core builds and parses datagrams itself; this module mirrors the format for tests, tools and
-anyone writing a peer in another language. Keep both in step with docs/protocol.md.
+The Cython core builds and parses datagrams itself; this module exposes the format for tests, tools and anyone
+writing a peer in another language. Every constant it shares with the core (header layout, kinds, flags, sizes,
+dtype codes, reject reasons) is imported from the core, which is their one source.
 """
 
 from __future__ import annotations
@@ -12,35 +13,69 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lossympi._core import HEADER_SIZE, MAC_SIZE, PROTOCOL_VERSION, REJECT_REASONS, chunk_count, stride_for
+from lossympi import _core
+from lossympi._core import (
+    DEFAULT_DATAGRAM_BYTES,
+    DTYPE_CODES,
+    FLAG_MAC,
+    HEADER_FIELDS,
+    HEADER_FORMAT,
+    HEADER_SIZE,
+    KIND_DATA,
+    KIND_FIN,
+    MAC_SIZE,
+    MAX_DATAGRAM_BYTES,
+    PROTOCOL_VERSION,
+    REJECT_REASONS,
+    RESERVED_TAG,
+    chunk_count,
+    stride_for,
+)
 
 __all__ = [
+    "CORE_FILE",
+    "DEFAULT_DATAGRAM_BYTES",
     "DTYPE_CODES",
+    "FIELDS",
+    "FLAG_MAC",
     "HEADER",
+    "HEADER_FIELDS",
     "HEADER_SIZE",
     "KIND_DATA",
+    "KIND_FIN",
     "MAC_SIZE",
+    "MAX_DATAGRAM_BYTES",
     "PROTOCOL_VERSION",
     "REJECT_REASONS",
-    "FLAG_MAC",
+    "RESERVED_TAG",
     "Header",
     "chunk_count",
     "dtype_code",
+    "mac",
     "pack_datagram",
     "stride_for",
-    "DEFAULT_DATAGRAM_BYTES",
 ]
 
-KIND_DATA = 1
-FLAG_MAC = 1
-DEFAULT_DATAGRAM_BYTES = 1472  # 1500-byte MTU - 20 (IPv4) - 8 (UDP)
-HEADER = struct.Struct("<BBBBIQIIIHH")
-assert HEADER.size == HEADER_SIZE
+#: The 32-byte header as a :class:`struct.Struct` (fields in :data:`HEADER_FIELDS` order).
+HEADER = struct.Struct(HEADER_FORMAT)
+#: Header field name -> ``(byte offset, struct format)``, e.g. ``FIELDS["index"] == (20, "<I")``.
+FIELDS: dict[str, tuple[int, str]] = {name: (off, "<" + code) for name, off, code in HEADER_FIELDS}
+#: The compiled core this process loaded (the file that builds and parses datagrams).
+CORE_FILE: str = str(_core.__file__)
 
-DTYPE_CODES: dict[str, int] = {
-    "int8": 1, "uint8": 2, "int16": 3, "uint16": 4, "int32": 5, "uint32": 6, "int64": 7, "uint64": 8,
-    "float16": 9, "float32": 10, "float64": 11, "bfloat16": 12,
-}
+
+def _check_layout() -> None:
+    """The core's field offsets are the packed offsets of its struct format, and the header is HEADER_SIZE bytes."""
+    off = 0
+    for name, at, code in HEADER_FIELDS:
+        if at != off:
+            raise ImportError(f"lossympi core: header field {name} at byte {at}, packed at {off}: rebuild the core")
+        off += struct.calcsize("<" + code)
+    if off != HEADER_SIZE or HEADER.size != HEADER_SIZE:
+        raise ImportError(f"lossympi core: header of {off} bytes, not {HEADER_SIZE}: rebuild the core")
+
+
+_check_layout()
 
 
 def dtype_code(dtype: np.dtype | type | str) -> int:
@@ -56,7 +91,7 @@ def dtype_code(dtype: np.dtype | type | str) -> int:
 
 @dataclass(frozen=True)
 class Header:
-    """The 32-byte datagram header."""
+    """The 32-byte datagram header (a FIN has ``kind=KIND_FIN``, ``index=0`` and ``length=0``)."""
 
     src: int
     tag: int
@@ -81,6 +116,13 @@ class Header:
         (version, kind, dtype, flags, src, tag, tid, index, count, length, stride) = HEADER.unpack_from(data)
         return cls(src=src, tag=tag, tensor_id=tid, index=index, count=count, length=length,
                    stride=stride, dtype=dtype, flags=flags, kind=kind, version=version)
+
+    @classmethod
+    def fin(cls, src: int, tag: int, tensor_id: int, count: int, stride: int, dtype: int = DTYPE_CODES["float32"],
+            flags: int = FLAG_MAC) -> Header:
+        """The header of the FIN of message ``(src, tag, tensor_id)`` of ``count`` chunks, as the core sends it."""
+        return cls(src=src, tag=tag, tensor_id=tensor_id, index=0, count=count, length=0, stride=stride,
+                   dtype=dtype, flags=flags, kind=KIND_FIN)
 
 
 def mac(key: bytes, data: bytes) -> bytes:

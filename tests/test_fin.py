@@ -27,7 +27,7 @@ def test_lossy_receive_ends_after_the_fin_not_at_the_deadline():
             assert sent.injected_drops.any() and not r.complete
             assert r.elapsed < 1.0  # far from the 5 s deadline
             np.testing.assert_array_equal(r.chunk_mask, ~sent.injected_drops)
-            assert b.core.fins >= 1
+            assert b.stats()["fins"] >= 1
 
     run(main())
 
@@ -59,9 +59,10 @@ def test_a_fin_that_arrives_before_the_receive_is_posted_still_counts():
     run(main())
 
 
-def _fin(key: bytes | None, src: int, tag: int, count: int, length: int = 0, mac_ok: bool = True) -> bytes:
-    h = wire.Header(src=src, tag=tag, tensor_id=0, index=count, count=count, length=length,
-                    stride=wire.stride_for(wire.DEFAULT_DATAGRAM_BYTES), kind=2)
+def _fin(key: bytes | None, src: int, tag: int, count: int, length: int = 0, mac_ok: bool = True,
+         index: int = 0) -> bytes:
+    h = wire.Header(src=src, tag=tag, tensor_id=0, index=index, count=count, length=length,
+                    stride=wire.stride_for(wire.DEFAULT_DATAGRAM_BYTES), kind=wire.KIND_FIN)
     data = wire.pack_datagram(h, b"\0" * length, key)
     return data if mac_ok else data[:-1] + bytes([data[-1] ^ 1])
 
@@ -79,6 +80,7 @@ def test_forged_or_malformed_fins_do_not_end_a_receive_early():
                 _fin(worlds[2].keys[1], 0, 0, count),  # rank 2's key, claiming rank 0
                 _fin(worlds[1].keys[0], 0, 0, count, length=8),  # a FIN carries no payload
                 _fin(worlds[1].keys[0], 0, 0, count + 1),  # wrong chunk count
+                _fin(worlds[1].keys[0], 0, 0, count, index=count),  # a FIN's index must be 0
             ]
             for d in forged:
                 raw.sendto(d, dest)
@@ -86,7 +88,8 @@ def test_forged_or_malformed_fins_do_not_end_a_receive_early():
             r = await fut
             assert r.elapsed >= 0.29 and r.received == 0  # nothing ended it early
             rej = b.stats()["rejected"]
-            assert rej["mac"] == 2 and rej["header"] == 1 and rej["shape"] == 1
-            assert b.core.fins == 0
+            assert rej["mac"] == 2 and rej["header"] == 2 and rej["shape"] == 1
+            assert r.reject_reasons == {**dict.fromkeys(wire.REJECT_REASONS, 0), "mac": 2, "header": 2, "shape": 1}
+            assert b.stats()["fins"] == 0
 
     run(main())
