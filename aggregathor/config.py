@@ -4,15 +4,18 @@ Impossible settings (an ``f`` too large for the rule, more Byzantine workers tha
 attack or experiment) raise :class:`ConfigError` before any process starts.
 
 The checks build the rule and import TensorFlow, so they run once per config object: :meth:`TrainConfig.validate`
-remembers that it passed, and setting any field afterwards makes the next call check again.
+remembers that it passed, and setting any field afterwards makes the next call check again. The rule's check is
+also remembered per process for its settings (rule, workers, f, options), so copies of a config (the launcher's
+per-rank config) do not build it again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +120,7 @@ class TrainConfig:
         return self
 
     def _check(self) -> None:
-        from aggregathor import attacks, experiments, gars
+        from aggregathor import attacks, experiments
 
         def need(cond: bool, msg: str) -> None:
             if not cond:
@@ -151,11 +154,25 @@ class TrainConfig:
             raise ConfigError(f"unknown --experiment {self.experiment!r}; known: {', '.join(experiments.names())}")
         if self.byzantine and self.attack not in attacks.names():
             raise ConfigError(f"unknown --attack {self.attack!r}; known: {', '.join(attacks.names())}")
+        try:  # the ranks of a local run get the config as JSON
+            options = json.dumps(self.gar_options, sort_keys=True)
+        except TypeError as exc:
+            raise ConfigError(f"--gar-option values must be JSON values (numbers, strings, lists): {exc}") from exc
+        need(isinstance(self.gar, str), f"--gar must be a rule's name, got {self.gar!r}")
         try:
-            rule = gars.get(self.gar, self.workers, self.f, **self.gar_options)
+            robust = _rule_nan_robust(self.gar, self.workers, self.f, options)
         except ValueError as exc:  # unknown rule or violated bound: the rule's message names it
             raise ConfigError(f"--gar {self.gar} with --workers {self.workers} --f {self.f}: {exc}") from exc
-        self.__dict__["_nan_robust"] = bool(rule.nan_robust)  # the mark of a validated config
+        self.__dict__["_nan_robust"] = robust  # the mark of a validated config
+
+
+@lru_cache(maxsize=64)
+def _rule_nan_robust(gar: str, workers: int, f: int, options: str) -> bool:
+    """Build the rule once per process and settings (``options``: its keyword arguments as sorted JSON); whether
+    it tolerates NaN rows. Raises the rule's ValueError for impossible settings (not remembered)."""
+    from aggregathor import gars
+
+    return bool(gars.get(gar, workers, f, **json.loads(options)).nan_robust)
 
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))

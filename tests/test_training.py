@@ -61,14 +61,17 @@ def test_toml_config_and_flag_overrides(tmp_path):
 
 def test_settings_are_checked_once_per_config_and_again_after_a_change(tmp_path, monkeypatch):
     """validate() builds the rule (TensorFlow): from_dict, launch and the rank's set-up share one check."""
-    from aggregathor import gars
+    from aggregathor import config, gars
 
     built = []
     real = gars.get
     monkeypatch.setattr(gars, "get", lambda *a, **k: built.append(a[0]) or real(*a, **k))
+    config._rule_nan_robust.cache_clear()
     c = cfg(tmp_path, gar="median", workers=4, f=1, byzantine=0)
     assert c.validate() is c and c.validate() is c
     assert math.isnan(c.lost_row_fill) and built == ["median"]  # a NaN-robust rule: lost rows are NaN
+    TrainConfig.from_dict(c.to_dict() | {"launcher": "simulate"})  # a copy (a rank's config): no new rule
+    assert built == ["median"]
     c.gar = "average"  # a change is checked again, and lost_row_fill derived again
     assert c.lost_row_fill == 0.0 and built == ["median", "average"]
     c.workers = 0
