@@ -23,10 +23,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from aggregathor.config import TrainConfig
 from aggregathor.runtime import RunSummary
+from aggregathor.transport import Capability, ServerGone, ServerTransport, WorkerTransport, build_transport
 
 __all__ = ["EXIT_SERVER_GONE", "LocalJob", "launch", "run_rank"]
 
@@ -150,46 +152,31 @@ def _launch_local(cfg: TrainConfig, *, progress: bool) -> RunSummary:
         job.close()
 
 
-def run_rank(cfg: TrainConfig, *, method: str = "env", progress: bool = True) -> RunSummary | None:
-    """Run one rank: bootstrap lossympi, then the server's loop on rank 0 or a worker's elsewhere."""
+def run_rank(cfg: TrainConfig, *, method: str = "env", progress: bool = True,
+             build: Callable[..., ServerTransport | WorkerTransport] = build_transport) -> RunSummary | None:
+    """Run one rank: bootstrap lossympi, then the server's loop on rank 0 or a worker's elsewhere.
+
+    ``build(cfg, world, mpi=...)`` makes this rank's side of the transport (default
+    :func:`aggregathor.transport.build_transport`; a test may pass one that builds a misbehaving worker).
+    """
     from aggregathor.runtime import configure_logging, run_server, run_worker
-    from aggregathor.transport import LossympiTransport, ServerGone
     from lossympi.bootstrap import from_env, from_mpi
-    from lossympi.comm import Comm
     from lossympi.endpoint import new_event_loop
-    from lossympi.faults import FaultInjector, FaultSpec
 
     configure_logging()
-    if cfg.transport == "mpi" and method != "mpi":
-        raise SystemExit("--transport mpi needs ranks started by mpiexec: run "
-                         "'mpiexec -n N+1 python -m aggregathor train --launcher mpi --transport mpi ...'")
     # rank 0 keeps the rendezvous open, so that a restarted worker can rejoin (lossympi transport)
     world = from_mpi() if method == "mpi" else from_env(rejoin=cfg.transport == "lossympi")
     if world.size != cfg.workers + 1:
         raise SystemExit(f"the world has {world.size} ranks but --workers {cfg.workers} needs {cfg.workers + 1}")
-    from aggregathor import gars
-
-    rule = gars.get(cfg.gar, cfg.workers, cfg.f, **cfg.gar_options)
-    lost_row_fill = float("nan") if rule.nan_robust else 0.0
-    if cfg.transport == "lossympi":
-        comm = Comm.from_world(world, fill=cfg.fill)
-        comm.control.max_bytes = max(comm.control.max_bytes, 64 << 20)
-        if cfg.loss:
-            comm.endpoint.faults = FaultInjector(FaultSpec(drop=cfg.loss), seed=cfg.seed * 7919 + world.rank)
-        transport = LossympiTransport(comm, params_mode=cfg.params, fill=cfg.fill, lost_row_fill=lost_row_fill,
-                                      elastic=True, ready_timeout=cfg.deadline)
-    else:  # the reliable baselines (aggregathor.transports): tcp, grpc, mpi
-        from aggregathor.transports import build_transport
-
-        transport = build_transport(cfg.transport, world, mpi=method == "mpi", lost_row_fill=lost_row_fill)
+    transport = build(cfg, world, mpi=method == "mpi")
     loop = new_event_loop()
     try:
         if world.rank == 0:
-            if world.rendezvous is not None and isinstance(transport, LossympiTransport):
-                transport.enable_rejoin(world.rendezvous, loop)
-            return loop.run_until_complete(run_server(cfg, transport, progress=progress))
+            if Capability.REJOIN in transport.capabilities:
+                transport.enable_rejoin(loop)  # type: ignore[union-attr]
+            return loop.run_until_complete(run_server(cfg, transport, progress=progress))  # type: ignore[arg-type]
         try:
-            loop.run_until_complete(run_worker(cfg, transport))
+            loop.run_until_complete(run_worker(cfg, transport))  # type: ignore[arg-type]
         except ServerGone as exc:
             print(f"aggregathor worker {world.rank}: {exc}. This worker stops (exit status {EXIT_SERVER_GONE}); "
                   "restart the whole job to resume from the last checkpoint.", file=sys.stderr, flush=True)

@@ -1,15 +1,18 @@
-"""The reliable baselines of aggregathor.transports (issue 6, item 2): tcp, grpc and mpi behind StepTransport.
+"""The transport backends behind aggregathor.transport's server-side and worker-side interfaces.
 
-In-process checks (every rank on one event loop, over 127.0.0.1): parameters reach every worker bit-exact,
+In-process checks of the reliable baselines (tcp, grpc: every rank on one event loop, over 127.0.0.1, through
+the adapters of aggregathor.transport over lossympi.baselines): parameters reach every worker bit-exact,
 gradients land in their rows, late and malformed gradients are lost (their row is the lost fill) without
-corrupting anything else or desynchronising the stream, rogue connections and calls are refused. Then one
-short real training run per transport (the three are started together, to share the start-up time).
+corrupting anything else or desynchronising the stream, rogue connections and calls are refused. The factory
+builds every backend with its settings at construction and each side declares its capabilities. Then one short
+real training run per transport (the three are started together, to share the start-up time).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -22,16 +25,15 @@ import numpy as np
 import pytest
 from conftest import run, wait_until
 
-from aggregathor.transports import (
-    HEADER,
-    KIND_GRAD,
-    MAGIC,
-    GrpcTransport,
-    TCPTransport,
-    TransportError,
-    build_transport,
-)
+from aggregathor.config import TrainConfig
+from aggregathor.transport import Capability, LossympiServer, LossympiWorker, build_transport
+from aggregathor.transport.factory import CONTROL_MAX_BYTES
+from aggregathor.transport.grpc import GrpcServer, GrpcWorker
+from aggregathor.transport.tcp import TCPServer, TCPWorker
+from lossympi.baselines import HEADER, KIND_GRAD, MAGIC, BaselineError
+from lossympi.baselines.grpc import PUSH, SERVICE
 from lossympi.bootstrap import local_worlds
+from lossympi.faults import FaultInjector, rank_seed
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 4  # the server and 3 workers
@@ -50,23 +52,25 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
 class Ranks:
     """The server and the workers of one in-process world, driven one exchange at a time."""
 
-    def __init__(self, ts: list[Any]) -> None:
-        self.ts = ts
-        self.server, self.workers = ts[0], ts[1:]
+    def __init__(self, server: Any, workers: list[Any]) -> None:
+        self.server, self.workers = server, workers
+        self.ts = [server, *workers]
         self.rows = np.zeros((SIZE, D), np.float32)
         self.thetas = [np.zeros(D, np.float32) for _ in self.workers]
+        self.round = -1  # the round of the current step (one per parameter exchange)
 
     async def control(self, step: int) -> None:
-        metas = await asyncio.gather(self.server.control({"step": step}), *(t.control(None) for t in self.workers))
-        assert all(m == {"step": step} for m in metas)
+        metas = await asyncio.gather(self.server.announce({"step": step}), *(t.next_message() for t in self.workers))
+        assert metas[0] is None and all(m == {"step": step} for m in metas[1:])
 
     async def params(self, seed: int, workers: tuple[int, ...] = (1, 2, 3)) -> np.ndarray:
         theta = _random_bits(seed)
-        got = await asyncio.gather(self.server.params(theta, 5.0),
-                                   *(self.ts[r].params(self.thetas[r - 1], 5.0) for r in workers))
-        assert got == [1.0] * (1 + len(workers))
+        got = await asyncio.gather(self.server.send_params(theta, 5.0),
+                                   *(self.ts[r].recv_params(self.thetas[r - 1], 5.0) for r in workers))
+        assert got == [None] + [1.0] * len(workers)
         for r in workers:
             assert _same_bits(self.thetas[r - 1], theta), f"rank {r} got other parameters"
+        self.round += 1
         return theta
 
     async def step(self, step: int, senders: tuple[int, ...] = (1, 2, 3), deadline: float = 20.0,
@@ -76,27 +80,30 @@ class Ranks:
         await self.params(1000 + step)
         grads = {r: _random_bits(100 * step + r) for r in senders}
         self.rows.fill(7.0)
-        gather = asyncio.ensure_future(self.server.grads(None, self.rows, time.monotonic() + deadline))
+        gather = asyncio.ensure_future(self.server.gather(self.rows, time.monotonic() + deadline))
         if extra is not None:
             await extra()
-        await asyncio.gather(*(self.ts[r].grads(g, None, time.monotonic() + deadline) for r, g in grads.items()))
+        await asyncio.gather(*(self.ts[r].send_grad(g, time.monotonic() + deadline) for r, g in grads.items()))
         report = await gather
         for r, g in grads.items():
             assert _same_bits(self.rows[r], g), f"row {r} differs from what rank {r} sent"
         return report, grads
 
     async def stop(self) -> None:
-        await asyncio.gather(self.server.control({"stop": True}), *(t.control(None) for t in self.workers))
+        await asyncio.gather(self.server.announce({"stop": True}), *(t.next_message() for t in self.workers))
 
 
-def _with_ranks(cls: type, body: Any, **kw: Any) -> None:
+def _with_ranks(server_cls: type, worker_cls: type, body: Any) -> None:
     async def main() -> None:
         worlds = local_worlds(SIZE)
-        ts = [cls(w, lost_row_fill=float("nan"), control_timeout=30.0, **kw) for w in worlds]
+        server = server_cls(worlds[0], lost_row_fill=float("nan"), control_timeout=30.0)
+        workers = [worker_cls(w, control_timeout=30.0) for w in worlds[1:]]
         try:
-            await asyncio.wait_for(body(ts), 60)
+            assert server.capabilities == frozenset() and all(w.capabilities == frozenset() for w in workers)
+            assert server.missing_workers() == [] and server.fault_counters().rejoins == 0
+            await asyncio.wait_for(body(Ranks(server, workers)), 60)
         finally:
-            for t in ts:
+            for t in (server, *workers):
                 t.close()
             for w in worlds:
                 w.close()
@@ -110,10 +117,11 @@ def _with_ranks(cls: type, body: Any, **kw: Any) -> None:
 
 
 def test_tcp_exchanges_are_exact_and_survive_late_malformed_and_rogue_traffic():
-    async def body(ts: list[TCPTransport]) -> None:
-        server = ts[0]
+    async def body(ranks: Ranks) -> None:
+        server, ts = ranks.server.root, [ranks.server, *ranks.workers]
         # ranks 0-2 start; a rogue that claims rank 3 without its key is refused; then the real rank 3 joins
-        first = [asyncio.ensure_future(t.connect()) for t in ts[:3]]
+        first = [asyncio.ensure_future(server.connect())] + [asyncio.ensure_future(t.sender.connect())
+                                                              for t in ts[1:3]]
         await wait_until(lambda: server.data_port is not None, 20, "the data listener")
         reader, writer = await asyncio.open_connection("127.0.0.1", server.data_port)
         await reader.readexactly(16)  # the server's nonce
@@ -121,10 +129,9 @@ def test_tcp_exchanges_are_exact_and_survive_late_malformed_and_rogue_traffic():
         assert await reader.read() == b""  # closed without an acknowledgement
         writer.close()
         assert server.rejected_connections == 1
-        await asyncio.gather(*first, ts[3].connect())
-        assert sorted(server._peers) == [1, 2, 3]
+        await asyncio.gather(*first, ts[3].sender.connect())
+        assert sorted(server.peers) == [1, 2, 3]
 
-        ranks = Ranks(ts)
         report, _ = await ranks.step(0)
         assert report.delivered.tolist() == [1.0, 1.0, 1.0] and report.rejected == 0
         assert report.lost_chunks == 0 and len(report.complete_elapsed) == 3
@@ -133,40 +140,40 @@ def test_tcp_exchanges_are_exact_and_survive_late_malformed_and_rogue_traffic():
         report, _ = await ranks.step(1, senders=(1, 2), deadline=0.3)
         assert report.delivered.tolist() == [1.0, 1.0, 0.0] and report.lost_chunks == 1
         assert np.isnan(ranks.rows[3]).all()
-        await ts[3].grads(_random_bits(999), None, time.monotonic() + 1)
+        await ts[3].send_grad(_random_bits(999), time.monotonic() + 1)
         report, _ = await ranks.step(2)
         assert report.delivered.tolist() == [1.0, 1.0, 1.0]
 
         # round 3: rank 2 sends a gradient one element short: refused, its row lost, the others intact
         async def short_frame() -> None:
-            head = HEADER.pack(MAGIC, KIND_GRAD, 1, 0, ts[2]._round, (D - 1) * 4)
-            await asyncio.get_running_loop().sock_sendall(ts[2]._sock, head + bytes((D - 1) * 4))
+            head = HEADER.pack(MAGIC, KIND_GRAD, 1, 0, ranks.round, (D - 1) * 4)
+            await asyncio.get_running_loop().sock_sendall(ts[2].sender.sock, head + bytes((D - 1) * 4))
 
         report, _ = await ranks.step(3, senders=(1, 3), deadline=0.5, extra=short_frame)
         assert report.delivered.tolist() == [1.0, 0.0, 1.0] and report.rejected == 1
         assert np.isnan(ranks.rows[2]).all()
-        assert server._peers[2].alive and server.rejected == 1
+        assert server.peers[2].alive and server.rejected == 1
         report, _ = await ranks.step(4)  # still in sync
         assert report.delivered.tolist() == [1.0, 1.0, 1.0] and report.rejected == 0
 
         # round 5: garbage instead of a header: rank 2's connection is given up, the others go on
         async def garbage() -> None:
-            await asyncio.get_running_loop().sock_sendall(ts[2]._sock, b"GET / HTTP/1.1\r\n\r\n" + bytes(64))
+            await asyncio.get_running_loop().sock_sendall(ts[2].sender.sock, b"GET / HTTP/1.1\r\n\r\n" + bytes(64))
 
         report, _ = await ranks.step(5, senders=(1, 3), deadline=20.0, extra=garbage)
         assert report.delivered.tolist() == [1.0, 0.0, 1.0]
-        assert not server._peers[2].alive and np.isnan(ranks.rows[2]).all()
+        assert not server.peers[2].alive and np.isnan(ranks.rows[2]).all()
         t0 = time.monotonic()
         await ranks.control(6)
         await ranks.params(1006, workers=(1, 3))
-        gather = asyncio.ensure_future(server.grads(None, ranks.rows, time.monotonic() + 20))
-        await asyncio.gather(*(ts[r].grads(_random_bits(r), None, 0) for r in (1, 3)))
+        gather = asyncio.ensure_future(ranks.server.gather(ranks.rows, time.monotonic() + 20))
+        await asyncio.gather(*(ts[r].send_grad(_random_bits(r), 0) for r in (1, 3)))
         report = await gather
         assert report.delivered.tolist() == [1.0, 0.0, 1.0]
         assert time.monotonic() - t0 < 10  # a dead connection is not waited for
         await ranks.stop()
 
-    _with_ranks(TCPTransport, body)
+    _with_ranks(TCPServer, TCPWorker, body)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -177,18 +184,17 @@ def test_tcp_exchanges_are_exact_and_survive_late_malformed_and_rogue_traffic():
 def test_grpc_exchanges_are_exact_and_refuse_rogue_and_malformed_calls():
     grpc = pytest.importorskip("grpc", reason="grpcio is not installed")
 
-    async def body(ts: list[GrpcTransport]) -> None:
-        server = ts[0]
-        await asyncio.gather(*(t.connect() for t in ts))
-        ranks = Ranks(ts)
+    async def body(ranks: Ranks) -> None:
+        ts = [ranks.server, *ranks.workers]
+        await asyncio.gather(ranks.server.root.connect(), *(t.sender.connect() for t in ts[1:]))
         report, _ = await ranks.step(0)
         assert report.delivered.tolist() == [1.0, 1.0, 1.0] and report.rejected == 0
 
-        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.enable_http_proxy", 0)])
-        push = channel.unary_unary("/aggregathor.Step/Push")
-        params = channel.unary_unary("/aggregathor.Step/Params")
+        channel = grpc.insecure_channel(f"127.0.0.1:{ranks.server.root.port}",
+                                        options=[("grpc.enable_http_proxy", 0)])
+        push = channel.unary_unary(f"/{SERVICE}/Push")
+        params = channel.unary_unary(f"/{SERVICE}/Params")
         codes: list[Any] = []
-        PUSH = b"aggregathor-grpc-push-v1"  # noqa: N806 - rank 2's own MAC label: the rogue holds its key
 
         def call(rpc: Any, request: bytes, md: tuple) -> None:
             try:
@@ -198,18 +204,18 @@ def test_grpc_exchanges_are_exact_and_refuse_rogue_and_malformed_calls():
                 codes.append(exc.code())
 
         async def rogue() -> None:
-            rnd = ts[2]._round
+            rnd = ranks.round
             good = HEADER.pack(MAGIC, KIND_GRAD, 1, 0, rnd, D * 4) + _random_bits(5).tobytes()
             # no key: a forged MAC for rank 2
-            await asyncio.to_thread(call, push, good, (("agt-rank", "2"), ("agt-mac", os.urandom(32).hex())))
+            await asyncio.to_thread(call, push, good, (("lm-rank", "2"), ("lm-mac", os.urandom(32).hex())))
             await asyncio.to_thread(call, params, rnd.to_bytes(8, "little"),
-                                    (("agt-rank", "1"), ("agt-mac", os.urandom(32).hex())))
-            # rank 2's key but a gradient one element short (and a header that lies about it)
+                                    (("lm-rank", "1"), ("lm-mac", os.urandom(32).hex())))
+            # rank 2's key (the rogue holds it) but a gradient one element short (and a header that lies about it)
             short = HEADER.pack(MAGIC, KIND_GRAD, 1, 0, rnd, D * 4) + bytes((D - 1) * 4)
-            await asyncio.to_thread(call, push, short, (("agt-rank", "2"), ("agt-mac", ts[2]._mac(PUSH, short))))
+            await asyncio.to_thread(call, push, short, ts[2].sender.metadata(PUSH, short))
             # and a header that is not one
             junk = b"GET / HTTP/1.1\r\n\r\n" + bytes(64)
-            await asyncio.to_thread(call, push, junk, (("agt-rank", "2"), ("agt-mac", ts[2]._mac(PUSH, junk))))
+            await asyncio.to_thread(call, push, junk, ts[2].sender.metadata(PUSH, junk))
 
         report, _ = await ranks.step(1, extra=rogue)
         unauth, invalid = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT
@@ -221,22 +227,61 @@ def test_grpc_exchanges_are_exact_and_refuse_rogue_and_malformed_calls():
         report, _ = await ranks.step(2, senders=(1, 2), deadline=0.3)
         assert report.delivered.tolist() == [1.0, 1.0, 0.0] and report.lost_chunks == 1
         assert np.isnan(ranks.rows[3]).all()
-        await ts[3].grads(_random_bits(999), None, time.monotonic() + 1)
+        await ts[3].send_grad(_random_bits(999), time.monotonic() + 1)
         assert np.isnan(ranks.rows[3]).all()
         report, _ = await ranks.step(3)
         assert report.delivered.tolist() == [1.0, 1.0, 1.0] and report.rejected == 0
         await ranks.stop()
 
-    _with_ranks(GrpcTransport, body)
+    _with_ranks(GrpcServer, GrpcWorker, body)
 
 
-def test_mpi_transport_needs_a_world_from_mpi():
+# ----------------------------------------------------------------------------------------------------------
+# the factory
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _config(**kw: Any) -> TrainConfig:
+    return TrainConfig(**{"workers": 1, "f": 0, "byzantine": 0, "gar": "average", **kw})
+
+
+def test_factory_builds_lossympi_with_its_settings_at_construction():
+    worlds = local_worlds(2)
+    built: list[Any] = []
+    try:
+        for loss in (0.05, 0.0):
+            cfg = _config(loss=loss, seed=3, gar="median")
+            server, worker = (build_transport(cfg, w, mpi=False) for w in worlds)
+            built += [server, worker]
+            assert isinstance(server, LossympiServer) and isinstance(worker, LossympiWorker)
+            assert math.isnan(server.lost_row_fill)  # the median is NaN-robust: a lost row is NaN
+            assert server.fill == cfg.fill and server.ready_timeout == cfg.deadline
+            # no rendezvous kept open (a local world): elastic, but no rejoin
+            assert server.capabilities == {Capability.ELASTIC, Capability.PROTOCOL_COUNTERS}
+            assert Capability.HONEST_GRADIENTS not in worker.capabilities
+            for t in (server, worker):
+                assert t.comm.control.max_bytes == CONTROL_MAX_BYTES
+                faults = t.comm.endpoint.faults
+                if loss:
+                    assert isinstance(faults, FaultInjector) and faults.default.drop == loss
+                    assert faults.seed == rank_seed(cfg.seed, t.rank)
+                else:
+                    assert faults is None
+            assert build_transport(_config(gar="average"), worlds[0], mpi=False).lost_row_fill == 0.0
+    finally:
+        for t in built:
+            t.close()
+        for w in worlds:
+            w.close()
+
+
+def test_factory_refuses_mpi_without_mpiexec_and_unknown_transports():
     worlds = local_worlds(2)
     try:
-        with pytest.raises(TransportError, match="mpiexec"):
-            build_transport("mpi", worlds[0], mpi=False)
+        with pytest.raises(BaselineError, match="mpiexec"):
+            build_transport(_config(transport="mpi", launcher="mpi"), worlds[0], mpi=False)
         with pytest.raises(ValueError, match="unknown transport"):
-            build_transport("carrier-pigeon", worlds[0])
+            build_transport(_config(transport="carrier-pigeon"), worlds[0], mpi=False)
     finally:
         for w in worlds:
             w.close()

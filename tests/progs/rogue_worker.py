@@ -24,8 +24,9 @@ from its shard), and on top of that, or instead of its gradient, sends what ``--
     well-formed gradients that are all NaN, its honest gradient with one NaN coordinate, +-Inf, or of a huge
     norm (Gaussian, standard deviation 1e6), in turn.
 
-Everything else is the stock worker: it runs :func:`aggregathor.launch.run_rank` with this transport in place of
-:class:`~aggregathor.transport.LossympiTransport`, so it follows the same bootstrap and control protocol. At the
+Everything else is the stock worker: it runs :func:`aggregathor.launch.run_rank` with this worker side in place of
+:class:`~aggregathor.transport.LossympiWorker` (its ``build`` argument), so it follows the same bootstrap and
+control protocol. At the
 end it writes what it sent to ``--report`` (JSON), so that the test can compare with the server's counters.
 Run as ``python tests/progs/rogue_worker.py CONFIG_JSON --mode MODE [--victim R] --report PATH`` with the
 ``LOSSYMPI_*`` variables of its rank.
@@ -44,41 +45,34 @@ from typing import Any
 
 import numpy as np
 
-import aggregathor.transport
-import lossympi.bootstrap
 from aggregathor.config import TrainConfig
 from aggregathor.launch import run_rank
-from aggregathor.transport import GatherReport, LossympiTransport
+from aggregathor.transport import LossympiWorker, lossympi_comm
+from aggregathor.transport.lossympi import GRADS_TENSOR_ID, PARAMS_TENSOR_ID
 from lossympi import wire
 from lossympi.bootstrap import World
 from lossympi.comm import COLLECTIVE_TENSOR_IDS, Comm
 
 MODES = ("wrong-length", "wrong-dtype", "replay", "spoof-rank", "flood", "nonfinite")
-PARAMS_TID = COLLECTIVE_TENSOR_IDS + 1  # LossympiTransport.params: Bcast(tensor_id=1)
-GRADS_TID = COLLECTIVE_TENSOR_IDS + 2  # LossympiTransport.grads: Gather(tensor_id=2)
+PARAMS_TID = COLLECTIVE_TENSOR_IDS + PARAMS_TENSOR_ID  # the parameters' Bcast, as the wire numbers it
+GRADS_TID = COLLECTIVE_TENSOR_IDS + GRADS_TENSOR_ID  # the gradients' Gather
 F32 = wire.DTYPE_CODES["float32"]
 FLOOD_COPIES = 10
 FLOOD_FACTOR = 10.0
 FAR_FUTURE = 1 << 40
 
 
-class RogueTransport(LossympiTransport):
-    """:class:`LossympiTransport` whose gradient exchange misbehaves per ``mode`` (the rest is honest).
+class RogueWorker(LossympiWorker):
+    """:class:`LossympiWorker` whose gradient exchange misbehaves per ``mode`` (the rest is honest).
 
-    Built by :func:`aggregathor.launch.run_rank` with the stock transport's arguments; the world, the mode and
-    the victim come from the class attributes that :func:`main` sets.
+    Built by :func:`main`'s ``build`` (run by :func:`aggregathor.launch.run_rank`) on the stock worker's
+    communicator.
     """
 
-    world: World | None = None
-    mode = ""
-    victim = 1
-    instance: RogueTransport | None = None
-
-    def __init__(self, comm: Comm, *args: Any, **kwargs: Any) -> None:
-        super().__init__(comm, *args, **kwargs)
-        world, mode, victim = RogueTransport.world, RogueTransport.mode, RogueTransport.victim
-        assert world is not None, "main() captures the world before run_rank builds the transport"
-        RogueTransport.instance = self
+    def __init__(self, comm: Comm, params_mode: str, *, world: World, mode: str, victim: int) -> None:
+        super().__init__(comm, params_mode)
+        self.mode = mode
+        self.victim = victim
         if mode not in MODES:
             raise ValueError(f"unknown --mode {mode!r}; use one of {', '.join(MODES)}")
         if not 1 <= victim < comm.size or victim == comm.rank:
@@ -140,13 +134,12 @@ class RogueTransport(LossympiTransport):
         return n
 
     # ------------------------------------------------------------------ the step exchanges
-    async def params(self, theta: np.ndarray, timeout: float) -> float:
-        delivered = await super().params(theta, timeout)
-        self.params_history.append((self.comm._seq - 1, theta.tobytes()))
+    async def recv_params(self, theta: np.ndarray, timeout: float) -> float:
+        delivered = await super().recv_params(theta, timeout)
+        self.params_history.append((self.comm.next_tag - 1, theta.tobytes()))
         return delivered
 
-    async def grads(self, grad: np.ndarray | None, rows: np.ndarray | None, deadline: float) -> GatherReport | None:
-        assert grad is not None and rows is None
+    async def send_grad(self, grad: np.ndarray, deadline: float) -> None:
         now = time.monotonic()
         if self.last_grads:
             gap = now - self.last_grads
@@ -154,10 +147,10 @@ class RogueTransport(LossympiTransport):
         self.last_grads = now
         step = self.steps
         self.steps += 1
-        tag = self.comm._next()  # the tag the Gather of this step uses on every rank
+        tag = self.comm.next_tag  # the tag the Gather of this step uses on every rank
+        self.comm.next_tag = tag + 1
         await getattr(self, "_" + self.mode.replace("-", "_"))(grad, tag, step)
         self.grads_history.append((tag, grad.tobytes()))
-        return None
 
     async def _wrong_length(self, grad: np.ndarray, tag: int, step: int) -> None:
         d = grad.size
@@ -270,22 +263,21 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig.from_dict(json.loads(args.config))
     if cfg.transport != "lossympi":
         raise SystemExit("the rogue worker attacks the lossympi transport: run the job with --transport lossympi")
-    RogueTransport.mode, RogueTransport.victim = args.mode, args.victim
-    stock_from_env = lossympi.bootstrap.from_env
+    built: list[RogueWorker] = []
 
-    def from_env(*a: Any, **kw: Any) -> World:
-        RogueTransport.world = stock_from_env(*a, **kw)
-        return RogueTransport.world
+    def build(cfg: TrainConfig, world: World, *, mpi: bool) -> RogueWorker:
+        if world.rank == 0:
+            raise SystemExit("the rogue worker runs a worker rank, not rank 0")
+        built.append(RogueWorker(lossympi_comm(cfg, world), cfg.params, world=world, mode=args.mode,
+                                 victim=args.victim))
+        return built[0]
 
-    # run_rank imports both names when it runs: it bootstraps through this wrapper and builds the rogue transport
-    lossympi.bootstrap.from_env = from_env
-    aggregathor.transport.LossympiTransport = RogueTransport  # type: ignore[misc]
     try:
-        run_rank(cfg, method="env", progress=False)
+        run_rank(cfg, method="env", progress=False, build=build)
     finally:
-        rogue = RogueTransport.instance
         report: dict[str, Any] = {"mode": args.mode, "victim": args.victim}
-        if rogue is not None:
+        if built:
+            rogue = built[0]
             report |= {"rank": rogue.rank, "steps": rogue.steps, "sent": dict(rogue.sent),
                        "expected": dict(rogue.expected), "interval": rogue.interval}
         Path(args.report).write_text(json.dumps(report, indent=1))
