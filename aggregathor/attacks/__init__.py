@@ -19,14 +19,19 @@ from aggregathor.attacks.base import REGISTRY, Attack, as_honest, as_rng, damage
 __all__ = ["Attack", "as_honest", "as_rng", "damage", "get", "names", "register", "registry"]
 
 def names() -> list[str]:
-    """Names of the registered attacks, sorted."""
+    """Names of the built-in attacks and of those installed packages register as entry points (group
+    ``aggregathor.attacks``), sorted."""
     return REGISTRY.names()
 
 
 def get(name: str, **params: Any) -> Attack:
-    """Build the attack ``name`` with its parameters (``get(**attack.get_config())`` rebuilds ``attack``).
+    """Build the attack ``name`` with its parameters (``get(**attack.get_config())`` rebuilds a built-in one).
 
-    Raises ValueError naming the known attacks for an unknown name, TypeError for an unknown parameter and
-    ValueError for a bad parameter value.
+    ``name`` is a built-in name, an entry-point name, or a reference to your own attack,
+    ``path/to/file.py:attr`` or ``package.module:attr``, whose ``attr`` is an :class:`Attack` instance, an
+    ``Attack`` subclass or a factory of either (called with ``params``). Raises a one-line ValueError naming
+    the known attacks for an unknown name or naming the reference and what it found, TypeError for an
+    unknown parameter of a built-in attack and ValueError for a bad parameter value.
     """
-    return REGISTRY.get(name)(**params)
+    return REGISTRY.build(name, (), params, base=Attack, what="--attack",
+                          expected="an Attack, an Attack subclass or a factory of either")

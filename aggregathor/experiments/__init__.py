@@ -44,14 +44,24 @@ __all__ = [
 
 DEFAULT = "digits"
 def names() -> list[str]:
-    """Names of the registered experiments, sorted."""
+    """Names of the built-in experiments and of those installed packages register as entry points (group
+    ``aggregathor.experiments``), sorted."""
     return REGISTRY.names()
 
 
 def get(name: str = DEFAULT, **options: Any) -> Experiment:
     """Build the experiment ``name`` with its ``options`` (see each experiment's docstring).
 
-    Raises ValueError naming the known experiments for an unknown name, TypeError for an unknown option.
-    ``get(**exp.get_config())`` rebuilds ``exp``.
+    ``name`` is a built-in name, an entry-point name, or a reference to your own code,
+    ``path/to/file.py:attr`` or ``package.module:attr``, whose ``attr`` is an experiment (a
+    :class:`~aggregathor.experiments.keras_experiment.KerasExperiment`), an ``Experiment`` subclass or a
+    factory of either (called with ``options``). A reference imports that file or module: name only code
+    you trust. Raises a one-line ValueError naming the known experiments for an unknown name, or naming the
+    reference and what it found; TypeError for an unknown option of a built-in experiment.
+    ``get(**exp.get_config())`` rebuilds a built-in ``exp``.
     """
-    return REGISTRY.get(name)(**options)
+    exp = REGISTRY.build(name, (), options, base=Experiment, what="--experiment",
+                         expected="a KerasExperiment, an Experiment subclass or a factory of either")
+    if ":" in name and getattr(exp, "reference", "") is None:
+        exp.reference = name  # how other processes rebuild it (KerasExperiment.reference)
+    return exp
