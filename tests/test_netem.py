@@ -37,7 +37,7 @@ NOTHING = {"netem": False, "nft": False, "iptables": False, "tbf": False}
 
 def _caps(**flags: bool) -> dict[str, Any]:
     caps: dict[str, Any] = dict(flags)
-    caps["unavailable"] = netem._unavailable(caps)
+    caps["unavailable"] = netem.caps._unavailable(caps)
     return caps
 
 
@@ -78,7 +78,7 @@ def test_linkspec_basics() -> None:
 
 
 def test_plan_without_netem_uses_nft_and_tbf() -> None:
-    plan = netem._plan(LinkSpec(loss=0.2, rate="200mbit", delay=0.01, jitter=0.001, direction="both"),
+    plan = netem.plan._plan(LinkSpec(loss=0.2, rate="200mbit", delay=0.01, jitter=0.001, direction="both"),
                        _caps(**NO_NETEM))
     assert plan.nft_loss == {"in": 0.2, "out": 0.2}
     assert plan.netem == {}
@@ -89,36 +89,36 @@ def test_plan_without_netem_uses_nft_and_tbf() -> None:
 
 def test_plan_with_netem() -> None:
     spec = LinkSpec(loss=0.05, rate="1gbit", delay=0.01, jitter=0.002, reorder=0.25, duplicate=0.01)
-    plan = netem._plan(spec, _caps(**ALL))
+    plan = netem.plan._plan(spec, _caps(**ALL))
     assert plan.unavailable == [] and plan.nft_loss == {}
     assert set(plan.netem) == {"in"}
     assert plan.netem["in"] == ["loss", "5%", "delay", "10000us", "2000us", "reorder", "25%", "duplicate", "1%"]
-    cmds = netem._qdisc_commands("h0", plan.netem["in"], plan.rate_bps, plan.rate_backend, 1500)
+    cmds = netem.commands._qdisc_commands("h0", plan.netem["in"], plan.rate_bps, plan.rate_backend, 1500)
     assert cmds[0][:7] == ["qdisc", "add", "dev", "h0", "root", "handle", "1:"] and "netem" in cmds[0]
     assert cmds[1][:7] == ["qdisc", "add", "dev", "h0", "parent", "1:1", "handle"] and "tbf" in cmds[1]
-    assert netem._qdisc_commands("eth0", None, None, None, 1500) == []
+    assert netem.commands._qdisc_commands("eth0", None, None, None, 1500) == []
 
 
 def test_plan_iptables_only_and_nothing() -> None:
-    plan = netem._plan(LinkSpec(loss=0.1, direction="both"), _caps(**IPT_ONLY))
+    plan = netem.plan._plan(LinkSpec(loss=0.1, direction="both"), _caps(**IPT_ONLY))
     assert plan.ipt_loss == 0.1 and plan.unavailable == ["loss(out)"]
-    assert netem._plan(LinkSpec(loss=0.1, direction="out"), _caps(**IPT_ONLY)).unavailable == ["loss"]
-    plan = netem._plan(LinkSpec(loss=0.1, rate="1gbit"), _caps(**NOTHING))
+    assert netem.plan._plan(LinkSpec(loss=0.1, direction="out"), _caps(**IPT_ONLY)).unavailable == ["loss"]
+    plan = netem.plan._plan(LinkSpec(loss=0.1, rate="1gbit"), _caps(**NOTHING))
     assert plan.unavailable == ["loss", "rate"] and plan.applied == {}
 
 
 def test_tbf_burst_covers_frames() -> None:
-    args = netem._tbf_args(1e6, 9000)
+    args = netem.commands._tbf_args(1e6, 9000)
     assert int(args[args.index("burst") + 1]) >= 2 * 9014
-    args = netem._tbf_args(10e9, 1500)
+    args = netem.commands._tbf_args(10e9, 1500)
     assert int(args[args.index("burst") + 1]) == int(10e9 / 8 * netem.TBF_BURST_SECONDS)
 
 
 def test_nft_script() -> None:
-    script = netem._nft_table_script("eth0", 0.2)
+    script = netem.commands._nft_table_script("eth0", 0.2)
     assert "hook ingress device \"eth0\"" in script and "numgen random mod 1000000 < 200000" in script
     assert "meta protocol { ip, ip6 }" in script  # never drop ARP
-    assert netem._nft_table_script("eth0", 0.0).count("\n") == 2  # only removes the table
+    assert netem.commands._nft_table_script("eth0", 0.0).count("\n") == 2  # only removes the table
 
 
 def test_cluster_validation_and_names() -> None:
@@ -298,15 +298,15 @@ def _within_5_sigma(received: int, n: int, keep: float) -> bool:
 
 def _gone(prefix: str) -> list[str]:
     """What is left of the cluster ``prefix``: namespaces, root links, nft tables, registry entry."""
-    left = [n for n in netem._list_netns() if n.startswith(prefix)]
+    left = [n for n in netem.namespaces._list_netns() if n.startswith(prefix)]
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     left += [line.split(":")[1].strip() for line in links.splitlines() if prefix in line]
-    nft = netem._which("nft")
+    nft = netem.programs._which("nft")
     if nft:
         tables = subprocess.run([nft, "list", "tables"], capture_output=True, text=True).stdout
         left += [line for line in tables.splitlines() if prefix in line]
-    if os.path.exists(netem._registry_path(prefix)):
-        left.append(netem._registry_path(prefix))
+    if os.path.exists(netem.registry._registry_path(prefix)):
+        left.append(netem.registry._registry_path(prefix))
     return left
 
 
@@ -493,8 +493,8 @@ def test_mtu_9000() -> None:
 @needs_root
 def test_down_removes_everything_and_kills_programs() -> None:
     c = Cluster(2, link=LinkSpec(loss=0.1, rate="1gbit", direction="both")).up()
-    assert len(netem._cluster_namespaces(c.prefix)) == 3
-    assert os.path.exists(netem._registry_path(c.prefix))
+    assert len(netem.namespaces._cluster_namespaces(c.prefix)) == 3
+    assert os.path.exists(netem.registry._registry_path(c.prefix))
     sleeper = c.popen(1, ["sleep", "60"])
     c.down()
     assert sleeper.poll() is not None
@@ -530,7 +530,7 @@ def _child_cluster(reaper: bool) -> tuple[subprocess.Popen[str], str, int]:
                              text=True)
     assert child.stdout is not None
     prefix, sleeper = child.stdout.readline().split()
-    assert len(netem._cluster_namespaces(prefix)) == 3
+    assert len(netem.namespaces._cluster_namespaces(prefix)) == 3
     return child, prefix, int(sleeper)
 
 
@@ -541,7 +541,7 @@ def test_sigterm_cleans_up() -> None:
     child.communicate(timeout=20)
     assert child.returncode == -signal.SIGTERM
     assert _gone(prefix) == []
-    assert netem._process_start(sleeper) is None
+    assert netem.registry._process_start(sleeper) is None
 
 
 @needs_root
@@ -551,9 +551,9 @@ def test_sigkill_reaper_cleans_up() -> None:
     child.communicate(timeout=20)
     assert _wait_gone(prefix) == []
     deadline = time.monotonic() + 5
-    while netem._process_start(sleeper) is not None and time.monotonic() < deadline:
+    while netem.registry._process_start(sleeper) is not None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert netem._process_start(sleeper) is None
+    assert netem.registry._process_start(sleeper) is None
 
 
 @needs_root
@@ -563,19 +563,19 @@ def test_cleanup_all_removes_only_stale_clusters() -> None:
     child.wait(timeout=20)
     assert child.stdout is not None
     child.stdout.close()  # the orphaned sleeper still holds the pipe's write end
-    assert len(netem._cluster_namespaces(stale)) == 3
+    assert len(netem.namespaces._cluster_namespaces(stale)) == 3
     with Cluster(2) as live:
         infos = {c["prefix"]: c for c in netem.list_clusters()}
         assert infos[stale]["alive"] is False and infos[live.prefix]["alive"] is True
         removed = netem.cleanup_all()
         assert removed >= 3
         assert _gone(stale) == []
-        assert len(netem._cluster_namespaces(live.prefix)) == 3  # its owner (this process) is alive
+        assert len(netem.namespaces._cluster_namespaces(live.prefix)) == 3  # its owner (this process) is alive
     assert _gone(live.prefix) == []
     deadline = time.monotonic() + 5
-    while netem._process_start(sleeper) is not None and time.monotonic() < deadline:
+    while netem.registry._process_start(sleeper) is not None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert netem._process_start(sleeper) is None
+    assert netem.registry._process_start(sleeper) is None
 
 
 @needs_root
@@ -613,6 +613,6 @@ def test_forked_child_does_not_tear_down_the_parents_cluster() -> None:
                 os._exit(3)
         _, status = os.waitpid(pid, 0)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
-        assert len(netem._cluster_namespaces(c.prefix)) == 3
+        assert len(netem.namespaces._cluster_namespaces(c.prefix)) == 3
         assert _datagrams(c, 0, 1, n=100)["distinct"] == 100
     assert _gone(c.prefix) == []
