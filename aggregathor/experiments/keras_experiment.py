@@ -302,10 +302,14 @@ class KerasExperiment(Experiment):
             if not isinstance(model, keras.Model):
                 raise ValueError(f"KerasExperiment {self.name!r}: build_model() must return a keras.Model, "
                                  f"got {type(model).__name__}")
-            if not model.built or not model.trainable_variables:
-                model(_take(self.train_data()[0], slice(0, 1)), training=False)
+            out = model(_take(self.train_data()[0], slice(0, 1)), training=False)  # builds a subclassed model
         if not model.trainable_variables:
             raise ValueError(f"KerasExperiment {self.name!r}: the model has no trainable variables")
+        shape = tuple(getattr(out, "shape", ()))
+        if self.classification and (len(shape) != 2 or shape[-1] < 2):
+            raise ValueError(f"KerasExperiment {self.name!r}: a classification model outputs one value per class "
+                             f"(two for a binary task), this one outputs shape {shape[1:]}; or pass "
+                             "task='regression' with metrics=['binary_accuracy']")
         return model
 
     def metrics(self) -> list[keras.metrics.Metric]:
@@ -370,9 +374,5 @@ def _take(x: Inputs, take: np.ndarray | slice) -> Inputs:
 
 
 def _correct(out: np.ndarray, labels: np.ndarray) -> int:
-    """How many rows of ``out`` have their largest value at the label."""
-    if out.ndim != 2 or out.shape[-1] < 2:
-        raise ValueError(f"classification accuracy takes the argmax of one output per class, the model outputs "
-                         f"shape {out.shape[1:]}: output one value per class (two for a binary task), or pass "
-                         "task='regression' with metrics=['binary_accuracy']")
+    """How many rows of ``out`` (one value per class) have their largest value at the label."""
     return int(np.sum(np.argmax(out, axis=-1) == labels))
