@@ -63,7 +63,7 @@ def test_oracle_catches_a_wrong_model(monkeypatch):
     def forgetful(self, d, addr):
         out = predict(self, d, addr)
         if out.kind == "header" and len(d) >= 32 and d[0] == 1 and d[1] == fz.KIND_FIN:
-            return fz.Outcome("size", fz.field_value(d, "src"), sender=out.sender)
+            return fz.Outcome("size", out.src, sender=out.sender)
         return out
 
     monkeypatch.setattr(fz.Model, "predict", forgetful)
@@ -71,6 +71,22 @@ def test_oracle_catches_a_wrong_model(monkeypatch):
     assert not r["ok"] and not r["invariants"]["counters_match_model"]
     assert r["violations"][0]["what"] == "core counters differ from the reference model"
     assert r["failure_batch"] and all(set(d) >= {"hex", "class", "expected"} for d in r["failure_batch"])
+
+
+def test_oracle_catches_uncharged_header_drops(monkeypatch):
+    """docs/protocol.md charges a ``header`` drop to the rank its header claims: a reference receiver that charges
+    nobody (the behaviour before issue 12) disagrees with the live core."""
+    predict = fz.Model.predict
+
+    def uncharged(self, d, addr):
+        out = predict(self, d, addr)
+        return fz.Outcome("header", None, sender=out.sender) if out.kind == "header" else out
+
+    monkeypatch.setattr(fz.Model, "predict", uncharged)
+    r = fz.run_fuzz(3000, SEED, auth_off_share=0)
+    assert not r["ok"] and not r["invariants"]["counters_match_model"]
+    diff = r["violations"][0]["diff"]
+    assert any(k.startswith("claimed_") and k.endswith("/header") for k in diff), diff
 
 
 def test_oracle_catches_a_stray_write():

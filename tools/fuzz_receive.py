@@ -97,10 +97,10 @@ __all__ = [
 HDR = wire.HEADER
 HEADER_BYTES = wire.HEADER_SIZE
 MAC_BYTES = wire.MAC_SIZE
-KIND_DATA = 1
-KIND_FIN = 2
-MAX_UDP = 65507
-REASONS = ("short", "header", "rank", "size", "mac", "shape")
+KIND_DATA = wire.KIND_DATA
+KIND_FIN = wire.KIND_FIN
+MAX_UDP = wire.MAX_DATAGRAM_BYTES
+REASONS = wire.REJECT_REASONS
 #: Counters of the live core that the model predicts exactly.
 COUNTERS = REASONS + ("stale", "duplicate", "accepted", "pooled", "overflow", "fin")
 CLASSES = ("random", "mutated", "header_fields", "truncated", "oversized", "spoofed", "replay", "fin", "gso", "valid")
@@ -110,11 +110,7 @@ CLASS_SHARE = {
     "spoofed": 0.10, "replay": 0.05, "fin": 0.08, "gso": 0.06, "valid": 0.10,
 }
 #: Header fields: name -> (byte offset, struct format).
-FIELDS: dict[str, tuple[int, str]] = {
-    "version": (0, "<B"), "kind": (1, "<B"), "dtype": (2, "<B"), "flags": (3, "<B"), "src": (4, "<I"),
-    "tag": (8, "<Q"), "tensor_id": (16, "<I"), "index": (20, "<I"), "count": (24, "<I"), "length": (28, "<H"),
-    "stride": (30, "<H"),
-}
+FIELDS: dict[str, tuple[int, str]] = wire.FIELDS
 #: Tags of the messages the fuzzer posts are multiples of this; the tags in between are never posted.
 TAG_STEP = 16
 REPO = Path(__file__).resolve().parent.parent
@@ -199,6 +195,7 @@ class SlotModel:
     fin: bool = False
     out: np.ndarray | None = None  # the live buffer (posted receives only)
     future: Any = None
+    rejects0: list[int] = field(default_factory=list)  # the sender's claimed rejects by reason at the post
 
     def __post_init__(self) -> None:
         self.buf = bytearray(self.sentinel)
@@ -220,7 +217,7 @@ class Outcome:
     """What the reference receiver does with one datagram: ``kind`` is a counter of :data:`COUNTERS`."""
 
     kind: str
-    src: int | None = None  # the rank the core charges a reject, stale or overflow to (the header's src)
+    src: int | None = None  # the rank the core charges a reject, stale or overflow to (the header's src, if a rank)
     sender: int | None = None  # for rejects: the rank that really sent it (its address; its MAC for shape)
     slot: SlotModel | None = None
     index: int = -1
@@ -265,13 +262,11 @@ class Model:
         self.slots: dict[tuple[int, int, int], SlotModel] = {}
         self.completed: dict[tuple[int, int], int] = {}
         self.counters: Counter[str] = Counter()
-        self.rejected_src = [0] * nranks
+        self.rejected_src = [[0] * len(REASONS) for _ in range(nranks)]  # by the claimed rank, then by reason
         self.stale_src = [0] * nranks
         self.overflow_src = [0] * nranks
         self.rejected_sender = [[0] * len(REASONS) for _ in range(nranks + 1)]  # row nranks: no rank's address
         self.rank_of_addr = {a: r for r, a in enumerate(self.addresses)}
-        #: Compare the per-sender counters too (cores that have ``rejects_by_sender``/``overflow_from``).
-        self.by_sender = False
         self.datagrams = 0
 
     # -------------------------------------------------------------------------------------------- prediction
@@ -297,15 +292,15 @@ class Model:
         if n < HEADER_BYTES:
             return Outcome("short", sender=snd)
         version, kind, dtype, flags, src, tag, tid, index, count, length, stride = HDR.unpack_from(d)
-        if version != wire.PROTOCOL_VERSION or kind not in (KIND_DATA, KIND_FIN) or flags & ~wire.FLAG_MAC:
-            return Outcome("header", sender=snd)
-        if src >= self.nranks:
+        claim = src if src < self.nranks else None  # charged whatever check fails
+        if (version != wire.PROTOCOL_VERSION or kind not in (KIND_DATA, KIND_FIN) or flags & ~wire.FLAG_MAC
+                or tag == wire.RESERVED_TAG or (kind == KIND_FIN and (length != 0 or index != 0))):
+            return Outcome("header", claim, sender=snd)
+        if claim is None:
             return Outcome("rank", sender=snd)
         if self.check_address and addr != self.addresses[src]:
             return Outcome("rank", src, sender=snd)
         maclen = MAC_BYTES if flags & wire.FLAG_MAC else 0
-        if kind == KIND_FIN and length != 0:
-            return Outcome("header", sender=snd)
         if HEADER_BYTES + length + maclen != n:
             return Outcome("size", src, sender=snd)
         if self.auth:
@@ -335,7 +330,7 @@ class Model:
         self.counters[out.kind] += 1
         if out.kind in REASONS:
             if out.src is not None:
-                self.rejected_src[out.src] += 1
+                self.rejected_src[out.src][REASONS.index(out.kind)] += 1
             self.rejected_sender[out.sender][REASONS.index(out.kind)] += 1
         elif out.kind == "overflow":
             self.overflow_src[out.src] += 1
@@ -375,6 +370,7 @@ class Model:
     def post(self, slot: SlotModel) -> None:
         """A receive is posted: it takes its pooled datagrams in the core's order (pool entry index)."""
         self.slots[slot.key] = slot
+        slot.rejects0 = list(self.rejected_src[slot.src])
         for e in sorted(self.by_msg.get(slot.key, [])):
             d = self.entries[e][1]
             self.apply(self.drain_outcome(slot, d), d)
@@ -394,33 +390,36 @@ class Model:
         out = {k: self.counters[k] for k in COUNTERS}
         out["datagrams"] = self.datagrams
         out["pool_in_use"] = len(self.entries)
-        for r in range(self.nranks):
-            out[f"rejected_from_{r}"] = self.rejected_src[r]
-            out[f"stale_from_{r}"] = self.stale_src[r]
-        if self.by_sender:
-            for r in range(self.nranks):
-                out[f"overflow_from_{r}"] = self.overflow_src[r]
-            for r, row in enumerate(self.rejected_sender):
-                for reason, n in zip(REASONS, row, strict=True):
-                    out[f"sent_by_{r}/{reason}"] = n
-        return out
+        return out | _per_rank(self.rejected_src, self.stale_src, self.overflow_src, self.rejected_sender)
 
 
-def core_snapshot(core: Any, nranks: int) -> dict[str, int]:
-    """The live core's counters, named as in :meth:`Model.snapshot`."""
-    out = dict(core.rejects_by_reason())
-    out.update(stale=core.stale, duplicate=core.duplicates, accepted=core.accepted, pooled=core.pooled,
-               overflow=core.overflow, fin=core.fins, datagrams=core.datagrams, pool_in_use=core.pool_in_use)
-    for r in range(nranks):
-        out[f"rejected_from_{r}"] = core.rejected_from(r)
-        out[f"stale_from_{r}"] = core.stale_from(r)
-    if hasattr(core, "rejects_by_sender") and hasattr(core, "overflow_from"):
-        for r in range(nranks):
-            out[f"overflow_from_{r}"] = core.overflow_from(r)
-        for r, row in enumerate(core.rejects_by_sender()):
-            for reason, n in zip(REASONS, row, strict=True):
-                out[f"sent_by_{r}/{reason}"] = n
+def _per_rank(claimed: Sequence[Sequence[int]], stale: Sequence[int], overflow: Sequence[int],
+              sent_by: Sequence[Sequence[int]]) -> dict[str, int]:
+    """The per-rank counters (by claimed rank, by real sender), named as in :meth:`Model.snapshot`."""
+    out: dict[str, int] = {}
+    for r, row in enumerate(claimed):
+        out |= {f"claimed_{r}/{reason}": int(n) for reason, n in zip(REASONS, row, strict=True)}
+        out[f"stale_from_{r}"] = int(stale[r])
+        out[f"overflow_from_{r}"] = int(overflow[r])
+    for r, row in enumerate(sent_by):
+        out |= {f"sent_by_{r}/{reason}": int(n) for reason, n in zip(REASONS, row, strict=True)}
     return out
+
+
+def read_count(ep: Endpoint) -> int:
+    """Datagrams the endpoint has read from its socket."""
+    return ep.stats()["datagrams"]
+
+
+def core_snapshot(ep: Endpoint) -> dict[str, int]:
+    """The live receiver's counters (its public :meth:`Endpoint.stats` and :meth:`Endpoint.counters`), named as in
+    :meth:`Model.snapshot`."""
+    st = ep.stats()
+    out = dict(st["rejected"])
+    out.update(stale=st["stale"], duplicate=st["duplicates"], accepted=st["accepted"], pooled=st["pooled"],
+               overflow=st["overflow"], fin=st["fins"], datagrams=st["datagrams"], pool_in_use=st["pool_in_use"])
+    c = ep.counters()
+    return out | _per_rank(c.claimed, c.stale, c.pool_drops, c.rejects)
 
 
 # ---------------------------------------------------------------------------------------------- live target
@@ -501,7 +500,6 @@ class Target:
         self.attacker_addrs = [s.getsockname() for s in self.attackers]
         self.model = Model(3, 0, self.keys, self.rx.addresses, auth=self.auth, datagram_bytes=self.datagram_bytes,
                            unexpected_bytes=self.unexpected_bytes)
-        self.model.by_sender = hasattr(self.rx.core, "rejects_by_sender") and hasattr(self.rx.core, "overflow_from")
         self.port = self.addr[1]
         self.drops0 = udp_drops(self.port)
 
@@ -595,11 +593,10 @@ class Fuzzer:
                        h["index"], h["count"], h["length"], h["stride"]) + body
         return self._seal(raw, key_src if key_src is not None else s.src)
 
-    def fin(self, s: SlotModel, sent: int | None = None, **fields: int) -> bytes:
-        """A FIN datagram of ``s``'s message (``sent``: its ``index`` field; valid unless ``fields`` change it)."""
+    def fin(self, s: SlotModel, **fields: int) -> bytes:
+        """A FIN datagram of ``s``'s message (index 0, no payload; valid unless ``fields`` change it)."""
         h = dict(version=wire.PROTOCOL_VERSION, kind=KIND_FIN, dtype=s.dtype, flags=self.flags, src=s.src,
-                 tag=s.tag, tensor_id=s.tid, index=s.count if sent is None else sent, count=s.count, length=0,
-                 stride=s.stride)
+                 tag=s.tag, tensor_id=s.tid, index=0, count=s.count, length=0, stride=s.stride)
         h.update(fields)
         raw = HDR.pack(h["version"], h["kind"], h["dtype"], h["flags"], h["src"], h["tag"], h["tensor_id"],
                        h["index"], h["count"], h["length"], h["stride"])
@@ -799,8 +796,11 @@ class Fuzzer:
         r = self.rng
         s = self.rng.choice(self.next_plan.slots) if r.random() < 0.1 else self.open_slot()
         v = r.random()
-        if v < 0.15:
-            d, variant = self.fin(s, sent=r.getrandbits(32)), "valid"
+        if v < 0.1:
+            d, variant = self.fin(s), "valid"
+        elif v < 0.15:
+            d = self._reseal(self.fin(s, index=r.choice([1, s.count, r.getrandbits(32) | 1])), s.src)
+            variant = "nonzero_index"
         elif v < 0.3:
             d = self.fin(s)[:HEADER_BYTES]
             pl = r.randint(1, 64)
@@ -952,7 +952,7 @@ class Fuzzer:
             return
         rx = self.t.rx
         expect = self.m.snapshot()
-        n0 = rx.core.datagrams
+        n0 = read_count(rx)
         nseg = 0
         for d, sender, seg, _klass, _kind in self.batch:
             sock, _ = self.t.sender(sender)
@@ -962,13 +962,13 @@ class Fuzzer:
         if expect["datagrams"] != target:
             raise AssertionError(f"fuzzer bug: the model counts {expect['datagrams'] - n0} datagrams in a batch "
                                  f"that carries {nseg}")
-        arrived = rx.run(_wait(lambda: rx.core.datagrams >= target, 10.0))
+        arrived = rx.run(_wait(lambda: read_count(rx) >= target, 10.0))
         if not arrived:
             # the kernel dropped some: wait until the count settles, then report
             rx.run(asyncio.sleep(0.5))
             self.report["kernel_drops"] = udp_drops(self.t.port) - self.t.drops0
             self.violation("receiver did not read every datagram of a batch", {
-                "sent": nseg, "read": rx.core.datagrams - n0, "kernel_drops": self.report["kernel_drops"]})
+                "sent": nseg, "read": read_count(rx) - n0, "kernel_drops": self.report["kernel_drops"]})
         else:
             self.check(expect)
         self.batch = []
@@ -987,7 +987,7 @@ class Fuzzer:
         self.log(f"VIOLATION: {what}: {detail}")
 
     def check(self, expect: dict[str, int]) -> None:
-        got = core_snapshot(self.t.rx.core, 3)
+        got = core_snapshot(self.t.rx)
         if got != expect:
             diff = {k: {"model": expect.get(k), "core": got.get(k)} for k in expect if expect.get(k) != got.get(k)}
             self.violation("core counters differ from the reference model", {"diff": diff})
@@ -1016,7 +1016,7 @@ class Fuzzer:
         self.current = self.next_plan
         self.next_plan = self._plan(self.current.tag + TAG_STEP)
         check = self.rng.random() < 0.5
-        self.t.rx.core.check_address = check
+        self.t.rx.check_address = check
         self.m.check_address = check
         rx = self.t.rx
         expect_before = self.m.snapshot()
@@ -1034,7 +1034,7 @@ class Fuzzer:
         self.check(self.m.snapshot())
 
     def check_no_change(self, expect: dict[str, int]) -> None:
-        got = core_snapshot(self.t.rx.core, 3)
+        got = core_snapshot(self.t.rx)
         if got != expect:
             diff = {k: {"model": expect.get(k), "core": got.get(k)} for k in expect if expect.get(k) != got.get(k)}
             self.violation("core counters changed outside a batch", {"diff": diff})
@@ -1043,7 +1043,7 @@ class Fuzzer:
         """Each receive gets its message from its peer's real ``Endpoint.send``; it must arrive intact."""
         self.flush()
         rx = self.t.rx
-        before = core_snapshot(rx.core, 3)
+        before = core_snapshot(rx)
         missing = sum(s.count - s.nrecv for s in self.current.slots)
         n = 0
         for s in self.current.slots:
@@ -1062,7 +1062,7 @@ class Fuzzer:
         except TimeoutError:
             self.violation("a valid message did not complete", {"round": self.round})
             raise
-        rx.run(_wait(lambda: rx.core.datagrams >= before["datagrams"] + n, 10.0))
+        rx.run(_wait(lambda: read_count(rx) >= before["datagrams"] + n, 10.0))
         purged = 0
         for s, res in zip(self.current.slots, results, strict=True):
             # buf holds every chunk delivered before; the missing ones now come from the sender
@@ -1074,6 +1074,7 @@ class Fuzzer:
             if not res.complete or live != bytes(s.buf) or (self.t.auth and live != s.truth):
                 self.violation("a valid message arrived wrong", {"src": s.src, "tensor_id": s.tid, "tag": s.tag,
                                                                  "complete": res.complete})
+            self.check_reject_reasons(s, res)
             purged += sum(len(es) for (src, tid, tag), es in self.m.by_msg.items()
                           if (src, tid) == (s.src, s.tid) and tag <= s.tag)
             self.m.close(s)
@@ -1081,7 +1082,7 @@ class Fuzzer:
                 self.replays.append((self.data(s, i), s.src))
             self.replays.append((self.fin(s), s.src))
         self.replays = self.replays[-256:]
-        got = core_snapshot(rx.core, 3)
+        got = core_snapshot(rx)
         ambiguous = {"duplicate", "stale", "stale_from_1", "stale_from_2"}
         d = {k: got[k] - before[k] for k in got}
         want = {k: 0 for k in got if k not in ambiguous}
@@ -1101,6 +1102,15 @@ class Fuzzer:
         for r in (1, 2):
             self.m.stale_src[r] = got[f"stale_from_{r}"]
         self.check_no_change(self.m.snapshot())
+
+    def check_reject_reasons(self, s: SlotModel, res: RecvResult) -> None:
+        """A receive's ``reject_reasons``: the rejects claiming its sender from its post to its completion (the
+        legitimate transfer that completed it rejects nothing, which :meth:`complete_round` checks)."""
+        want = {r: now - then for r, now, then in zip(REASONS, self.m.rejected_src[s.src], s.rejects0, strict=True)}
+        if res.reject_reasons != want or res.rejected != sum(want.values()):
+            self.violation("a receive's reject_reasons differ from the reference model",
+                           {"src": s.src, "tensor_id": s.tid, "tag": s.tag, "model": want,
+                            "receive": res.reject_reasons, "rejected": res.rejected})
 
     def run(self, datagrams: int) -> None:
         """Fuzz with about ``datagrams`` datagrams, in rounds."""
@@ -1151,10 +1161,8 @@ def _gso_supported() -> bool:
 
 def new_report(seed: int, datagrams: int) -> dict[str, Any]:
     """An empty report, as :class:`Fuzzer` fills it."""
-    from lossympi import _core
-
     return {
-        "seed": seed, "datagrams_requested": datagrams, "core": _core.__file__,
+        "seed": seed, "datagrams_requested": datagrams, "core": wire.CORE_FILE,
         "environment": {"python": platform.python_version(), "numpy": np.__version__, "kernel": platform.release(),
                         "cpus": os.cpu_count(), "machine": platform.machine()},
         "classes": Counter(), "variants": Counter(), "skipped_valid": 0, "skipped_by_class": Counter(),
@@ -1201,16 +1209,12 @@ def run_fuzz(datagrams: int, seed: int, *, auth_off_share: float = 0.2, batch: i
             log(f"{name}: {n} datagrams")
             fz.run(n)
             ok_after = fz.final_message() and ok_after
-            c = target.rx.core
+            st = target.rx.stats()
             report["targets"].append({
                 "target": name, "datagrams": sum(report["classes"].values()) - c0,
                 "elapsed_s": round(time.monotonic() - t1, 2), "rounds": fz.round,
-                "receiver": {
-                    "datagrams": c.datagrams, "accepted": c.accepted, "duplicates": c.duplicates, "stale": c.stale,
-                    "overflow": c.overflow, "pooled": c.pooled, "pool_in_use": c.pool_in_use, "fins": c.fins,
-                    "rejected": c.rejects_by_reason(), "gro": target.rx.gro, "auth": target.rx.auth,
-                    "rcvbuf": target.rx.rcvbuf,
-                },
+                "receiver": {k: st[k] for k in ("datagrams", "accepted", "duplicates", "stale", "overflow", "pooled",
+                                                "pool_in_use", "fins", "rejected", "gro", "auth", "rcvbuf")},
                 "kernel_drops": udp_drops(target.port) - target.drops0,
             })
             report["kernel_drops"] += report["targets"][-1]["kernel_drops"]
@@ -1268,10 +1272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = sanitize_build.run_sanitized_fuzz(child, args.sanitize_dir, log=log)
     else:
         if args.expect_core_dir is not None:
-            from lossympi import _core
-
-            if not Path(_core.__file__).resolve().is_relative_to(args.expect_core_dir.resolve()):
-                print(f"fuzz_receive: loaded {_core.__file__}, not the build under {args.expect_core_dir}: "
+            if not Path(wire.CORE_FILE).resolve().is_relative_to(args.expect_core_dir.resolve()):
+                print(f"fuzz_receive: loaded {wire.CORE_FILE}, not the build under {args.expect_core_dir}: "
                       "put that directory first on PYTHONPATH", file=sys.stderr)
                 return 2
         report = run_fuzz(args.datagrams, seed, auth_off_share=args.auth_off_share, batch=args.batch, log=log)
