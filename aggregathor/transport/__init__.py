@@ -10,7 +10,8 @@ A synchronous step is three exchanges, all rooted at rank 0 (the parameter serve
 :class:`WorkerTransport` for a worker, optional abilities declared as :class:`Capability`) and what every backend
 shares. The backends: :mod:`~aggregathor.transport.lossympi` (default), :mod:`~aggregathor.transport.tcp`,
 :mod:`~aggregathor.transport.grpc` and :mod:`~aggregathor.transport.mpi` (thin adapters over
-:mod:`lossympi.baselines`, the code the gather benchmark measures), and the in-process simulated one.
+:mod:`lossympi.baselines`, the code the gather benchmark measures), and the in-process
+:mod:`~aggregathor.transport.simulated` (built by ``--launcher simulate``).
 :func:`build_transport` builds this rank's side of any backend that runs over a bootstrapped world.
 """
 
@@ -23,7 +24,6 @@ from aggregathor.transport.base import (
     ProtocolEvents,
     ServerGone,
     ServerTransport,
-    StepTransport,
     WorkerTransport,
     decode_meta,
     encode_meta,
@@ -33,5 +33,5 @@ from aggregathor.transport.factory import build_transport, lossympi_comm
 from aggregathor.transport.lossympi import LossympiServer, LossympiWorker
 
 __all__ = ["Capability", "FaultCounters", "GatherReport", "HUGE_NORM_FACTOR", "LossympiServer", "LossympiWorker",
-           "META_LIMIT", "ProtocolEvents", "ServerGone", "ServerTransport", "StepTransport", "WorkerTransport",
+           "META_LIMIT", "ProtocolEvents", "ServerGone", "ServerTransport", "WorkerTransport",
            "build_transport", "decode_meta", "encode_meta", "lossympi_comm", "row_health"]

@@ -3,14 +3,17 @@ protocol-event tally and the step-message codec.
 
 A synchronous step is three exchanges, all rooted at rank 0 (the parameter server):
 
-1. ``control(meta)``: reliable broadcast of a small JSON message (the step number, or ``stop``);
-2. ``params(theta)``: the parameters, from the server to every worker (lossy with ``last`` fill, or
-   reliable);
-3. ``grads(grad, rows, deadline)``: every worker's gradient into row ``rank`` of the server's
+1. ``announce(meta)`` / ``next_message()``: reliable broadcast of a small JSON message (the step number, or
+   ``stop``);
+2. ``send_params(theta)`` / ``recv_params(theta)``: the parameters, from the server to every worker (lossy with
+   ``last`` fill, or reliable);
+3. ``gather(rows, deadline)`` / ``send_grad(grad)``: every worker's gradient into row ``rank`` of the server's
    ``(1 + n, d)`` buffer, until the deadline.
 
-:class:`LossympiTransport` is the default (authenticated UDP, deadline-bound, what is missing is filled and
-reported). The reliable baselines of the paper's comparison implement the same interface.
+:class:`ServerTransport` is rank 0's side, :class:`WorkerTransport` a worker's; optional abilities are declared
+in ``capabilities`` (:class:`Capability`). The lossympi backend (:mod:`aggregathor.transport.lossympi`) is the
+default (authenticated UDP, deadline-bound, what is missing is filled and reported); the reliable baselines of
+the paper's comparison implement the same interfaces.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 __all__ = ["Capability", "FaultCounters", "GatherReport", "HUGE_NORM_FACTOR", "META_LIMIT", "ProtocolEvents",
-           "ServerGone", "ServerTransport", "StepTransport", "WorkerTransport", "decode_meta",
+           "ServerGone", "ServerTransport", "WorkerTransport", "decode_meta",
            "encode_meta", "row_health"]
 
 META_LIMIT = 4096
@@ -176,7 +179,7 @@ class Capability(enum.StrEnum):
 
     #: workers may die and come back; :meth:`ServerTransport.missing_workers` says which are gone now
     ELASTIC = "elastic"
-    #: restarted workers rejoin through the rendezvous (:meth:`ServerTransport.enable_rejoin`)
+    #: restarted workers rejoin through the rendezvous (the server side has ``enable_rejoin(loop)``)
     REJOIN = "rejoin"
     #: Byzantine workers get the step's honest gradients (:meth:`WorkerTransport.honest_gradients`); simulated
     HONEST_GRADIENTS = "honest_gradients"
@@ -248,22 +251,6 @@ class WorkerTransport(Protocol):
 
     async def honest_gradients(self) -> np.ndarray:
         """The step's honest gradients, ``(n - byzantine, d)`` (:attr:`Capability.HONEST_GRADIENTS` only)."""
-        ...
-
-    def close(self) -> None: ...
-
-
-class StepTransport(Protocol):
-    """The former single interface (one object for both sides); being replaced by the two above."""
-
-    rank: int
-    size: int
-
-    async def control(self, meta: dict[str, Any] | None) -> dict[str, Any]: ...
-
-    async def params(self, theta: np.ndarray, timeout: float) -> float: ...
-
-    async def grads(self, grad: np.ndarray | None, rows: np.ndarray | None, deadline: float) -> GatherReport | None:
         ...
 
     def close(self) -> None: ...

@@ -9,13 +9,19 @@ does not. The same gather of ``n`` rows of ``d`` float32 into an ``(n + 1, d)`` 
 - **lossympi**: one process per host, bootstrapped with :func:`lossympi.bootstrap.from_env` (``LOSSYMPI_*``
   variables, rendezvous on the root), ``Comm.aio.Gather`` with a deadline and incast pacing
   (``Comm(ingest_bps=...)``: each sender at ``ingest_bps / n``);
-- **mpi**: ``mpi4py`` ``comm.Gather`` under MPICH, ranks started by Hydra in MPMD mode, one per namespace
-  (``mpiexec -launcher fork -n 1 ip netns exec H0 python ... : -n 1 ip netns exec H1 python ...``), with the
-  libfabric TCP provider on ``eth0`` and shared memory disabled (:data:`MPI_ENV`);
-- **grpc**: each sender client-streams its row in chunks (``--grpc-chunk``) to a ``grpcio`` server on the root,
-  which copies them into the row;
-- **tcp**: each sender ``sendall``\\ s its row on one connection; the root ``recv_into``\\ s the preallocated row
-  (one thread, a selector over the ``n`` connections).
+- **mpi**: :mod:`lossympi.baselines.mpi` (``mpi4py`` ``Gather`` into the root's rows) under MPICH, ranks started
+  by Hydra in MPMD mode, one per namespace (``mpiexec -launcher fork -n 1 ip netns exec H0 python ... : -n 1 ip
+  netns exec H1 python ...``), with the libfabric TCP provider on ``eth0`` and shared memory disabled
+  (:data:`MPI_ENV`);
+- **grpc**: :mod:`lossympi.baselines.grpc`: each sender pushes its row in one authenticated unary call (raw bytes,
+  a frame header, an HMAC under its key) to a ``grpcio`` server on the root, which checks it and copies it into
+  the row;
+- **tcp**: :mod:`lossympi.baselines.tcp`: each sender ``sendall``\\ s a frame (header and row) on its authenticated
+  connection; the root's event loop ``recv_into``\\ s the preallocated rows once the header is checked.
+
+TCP, gRPC and MPI run :mod:`lossympi.baselines`, the code of aggregathor's ``--transport tcp|grpc|mpi``, so the
+head-to-head measures what trains. lossympi, TCP and gRPC bootstrap the same way (``from_env``: keys and an
+authenticated control star, over which the root relays the commands).
 
 The processes of one transport stay up across the loss levels (connections, TCP state and MPI connections
 persist, as in a training job that gathers every step); every loss level starts with one unmeasured warm-up
@@ -121,7 +127,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mpi-provider", default="tcp", choices=["tcp", "sockets"], help="libfabric provider for MPICH")
     p.add_argument("--mpi-env", default="", metavar="KEY=VALUE,...",
                    help="extra environment for the MPI ranks, e.g. MPIR_CVAR_CH4_PROGRESS_THROTTLE=1")
-    p.add_argument("--grpc-chunk", type=int, default=1 << 20, help="bytes per gRPC stream message")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a plot (seconds per gather vs loss)")
     p.add_argument("--save", default=None, metavar="JSON", help="also write the JSON here after every (n, d)")
     p.add_argument("--from-json", default=None, metavar="FILE,...",
@@ -166,8 +171,7 @@ class Group:
     def _argv(self) -> list[str]:
         a = self.args
         return [sys.executable, "-m", "lossympi.bench._gather_worker", "--transport", self.transport,
-                "--d", str(self.d), "--root-ip", self.c.ips[0], "--port", str(self.port), "--ctl", self.path,
-                "--ingest-bps", repr(a.ingest_gbps * 1e9), "--grpc-chunk", str(a.grpc_chunk),
+                "--d", str(self.d), "--ctl", self.path, "--ingest-bps", repr(a.ingest_gbps * 1e9),
                 "--root-nice", str(a.root_nice)]
 
     def start(self) -> dict[str, Any]:
@@ -191,8 +195,7 @@ class Group:
             for i in range(size):
                 e = dict(env, LOSSYMPI_RANK=str(i), LOSSYMPI_WORLD_SIZE=str(size), LOSSYMPI_SECRET=secret,
                          LOSSYMPI_RENDEZVOUS=f"{self.c.ips[0]}:{self.port}", LOSSYMPI_HOST=self.c.ips[i])
-                argv = [*self._argv(), "--rank", str(i), "--size", str(size)]
-                self.procs.append(self.c.popen(i, argv, env=e, **kw))
+                self.procs.append(self.c.popen(i, self._argv(), env=e, **kw))
         end = time.monotonic() + _START_TIMEOUT_S
         self.listener.settimeout(0.5)
         while self.conn is None:
@@ -486,7 +489,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "ingest_bps": args.ingest_gbps * 1e9,
         "deadline_rule": f"max({args.min_deadline} s, {args.deadline_factor} x n*d*4*(1472/1424)*8/ingest_bps)",
         "cap_s": args.cap, "repeats": args.repeats, "rate": args.rate, "root_nice": args.root_nice,
-        "mpi_env": mpi_env(args.mpi_provider, args.mpi_env), "grpc_chunk_bytes": args.grpc_chunk,
+        "mpi_env": mpi_env(args.mpi_provider, args.mpi_env),
+        "baselines": "lossympi.baselines (tcp, grpc, mpi): the code of aggregathor --transport tcp|grpc|mpi",
         "loss_applied": "nftables drop of packets entering the root (direction 'in' on host 0's link)",
         "per_packet_loss": not args.keep_gso,
     }
@@ -508,15 +512,8 @@ def _load(files: str) -> dict[str, Any]:
     return out
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.from_json:
-        result = _load(args.from_json)
-        if args.plot:
-            plot(result, args.plot)
-            result["plot"] = args.plot
-        return result
-    from lossympi.netem import Cluster, LinkSpec, require_root_reason
-
+def _check(args: argparse.Namespace) -> tuple[list[int], list[int], list[float], list[str]]:
+    """The ``n``, ``d``, loss and transport lists of ``args``; SystemExit naming the first bad one."""
     ns, ds, losses = _ints(args.n), _ints(args.d), _floats(args.loss)
     transports = [t.strip() for t in args.transports.split(",") if t.strip()]
     bad = [t for t in transports if t not in TRANSPORTS]
@@ -526,97 +523,140 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--n and --d must be positive integers and --loss probabilities in [0, 1)")
     if args.repeats < 1 or args.cap <= 0:
         raise SystemExit("--repeats must be >= 1 and --cap > 0")
-    reason = require_root_reason()
-    if reason:
-        raise SystemExit(f"cannot build an emulated cluster here: {reason}")
-    t_start = time.monotonic()
-    meter = CpuMeter()
-    host = host_info()
-    mem: dict[str, Any] = {}
-    _memory(mem)
-    mem["start_available_bytes"] = mem.get("min_available_bytes")
-    seq = itertools.count()
-    records: list[dict[str, Any]] = []
-    hellos: dict[str, Any] = {}
-    errors: list[str] = []
-    cluster_info: dict[str, Any] = {}
-    result: dict[str, Any] = {"benchmark": "gather", "settings": _settings(args), "records": records}
-    workdir = Path(tempfile.mkdtemp(prefix="lmgather"))
-    try:
-        for n, d in itertools.product(ns, ds):
-            t_nd = time.monotonic()
-            meter_nd = CpuMeter()
-            rate = args.rate
-            per: dict[float, dict[str, dict[str, Any]]] = {p: {} for p in losses}
-            log(f"n={n} d={d}: building a cluster of {n + 1} hosts")
-            with Cluster(n + 1, link=LinkSpec(rate=rate), per_host={0: LinkSpec(loss=losses[0], rate=rate)},
-                         per_packet=not args.keep_gso) as c:
-                cluster_info = c.describe()
-                if not args.keep_gso:
-                    cluster_info["offloads_root"] = c.offloads[0]
-                for t in transports:
-                    group: Group | None = None
-                    start_failed: str | None = None
-                    try:
-                        for p in losses:
-                            if start_failed is not None:  # do not wait for a broken launch at every level
-                                per[p][t] = {"seconds": None, "capped": None, "error": start_failed}
-                                continue
-                            c.set_link(0, LinkSpec(loss=p, rate=rate))
-                            t0 = time.monotonic()
-                            try:
-                                if group is None:
-                                    group = Group(c, t, n, d, args, workdir)
-                                    try:
-                                        hello = group.start()
-                                    except (GroupError, OSError) as exc:
-                                        start_failed = f"could not start: {str(exc).splitlines()[0]}"
-                                        raise
-                                    hellos[t] = {k: v for k, v in hello.items() if k != "op"}
-                                drops0 = drop_counters(c)
-                                m = _measure(group, t, n, d, args, seq, mem)
-                                drops1 = drop_counters(c)
-                                m["kernel_drops"] = {k: drops1[k] - drops0[k] for k in drops1 if k in drops0}
-                            except (GroupError, OSError, ValueError) as exc:
-                                msg = f"n={n} d={d} loss={p} {t}: {exc}"
-                                log(f"error: {msg}")
-                                errors.append(msg)
-                                m = {"seconds": None, "capped": None, "error": str(exc).splitlines()[0]}
-                                if group is not None:
-                                    group.kill()
-                                    group = None
-                            m["wall_s"] = round(time.monotonic() - t0, 2)
-                            per[p][t] = m
-                            extra = ""
-                            if t == "lossympi" and m.get("delivered") is not None:
-                                extra = (f" (data {fmt(m['data_seconds'], 3)} s, delivered "
-                                         f"{fmt(m['delivered'], 4)}, deadline {fmt(m['deadline_s'], 3)} s)")
-                            log(f"n={n} d={d} loss={p} {t}: {fmt(m['seconds'], 3)} s per gather"
-                                f"{' (capped: lower bound)' if m.get('capped') else ''}{extra} "
-                                f"[{m.get('repeats_done', 0)} runs, {m['wall_s']} s]")
-                            if m.get("capped") and group is not None:
-                                group.kill()  # a transfer is still in flight: start afresh at the next level
-                                group = None
-                    finally:
-                        if group is not None:
-                            group.close()
-            contention = meter_nd.stop()
+    return ns, ds, losses, transports
+
+
+class _Run:
+    """One measuring invocation: its settings, what it gathered so far, and the result being built."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.t_start = time.monotonic()
+        self.meter = CpuMeter()
+        self.host = host_info()
+        self.mem: dict[str, Any] = {}
+        _memory(self.mem)
+        self.mem["start_available_bytes"] = self.mem.get("min_available_bytes")
+        self.seq = itertools.count()
+        self.hellos: dict[str, Any] = {}
+        self.errors: list[str] = []
+        self.cluster_info: dict[str, Any] = {}
+        self.records: list[dict[str, Any]] = []
+        self.result: dict[str, Any] = {"benchmark": "gather", "settings": _settings(args), "records": self.records}
+
+    def finish(self) -> dict[str, Any]:
+        _finish(self.result, self.host, self.meter, self.mem, self.hellos, self.cluster_info, self.errors,
+                self.t_start)
+        return self.result
+
+    def configuration(self, n: int, d: int, losses: list[float], transports: list[str]) -> None:
+        """Every transport at every loss level on one cluster of ``n + 1`` hosts."""
+        from lossympi.netem import Cluster, LinkSpec
+
+        args = self.args
+        t_nd = time.monotonic()
+        meter_nd = CpuMeter()
+        per: dict[float, dict[str, dict[str, Any]]] = {p: {} for p in losses}
+        log(f"n={n} d={d}: building a cluster of {n + 1} hosts")
+        with Cluster(n + 1, link=LinkSpec(rate=args.rate), per_host={0: LinkSpec(loss=losses[0], rate=args.rate)},
+                     per_packet=not args.keep_gso) as c:
+            self.cluster_info = c.describe()
+            if not args.keep_gso:
+                self.cluster_info["offloads_root"] = c.offloads[0]
+            for t in transports:
+                self.transport(c, t, n, d, losses, per)
+        contention = meter_nd.stop()
+        for p in losses:
+            self.records.append({**make_record(n, d, p, per[p], args), "contention": contention})
+        if (contention.get("foreign_cpu_fraction") or 0) > 0.05:
+            log(f"warning: other processes used {100 * contention['foreign_cpu_fraction']:.0f}% of the CPUs "
+                f"during n={n} d={d}: rerun it on an idle machine")
+        log(f"n={n} d={d}: done in {time.monotonic() - t_nd:.0f} s")
+        if args.save:
+            Path(args.save).write_text(json.dumps(self.finish(), indent=2) + "\n")
+
+    def transport(self, c: Any, t: str, n: int, d: int, losses: list[float],
+                  per: dict[float, dict[str, dict[str, Any]]]) -> None:
+        """One transport's processes across the loss levels (restarted after a failure or a capped gather)."""
+        from lossympi.netem import LinkSpec
+
+        group: Group | None = None
+        start_failed: str | None = None
+        try:
             for p in losses:
-                records.append({**make_record(n, d, p, per[p], args), "contention": contention})
-            if (contention.get("foreign_cpu_fraction") or 0) > 0.05:
-                log(f"warning: other processes used {100 * contention['foreign_cpu_fraction']:.0f}% of the CPUs "
-                    f"during n={n} d={d}: rerun it on an idle machine")
-            log(f"n={n} d={d}: done in {time.monotonic() - t_nd:.0f} s")
-            if args.save:
-                _finish(result, host, meter, mem, hellos, cluster_info, errors, t_start)
-                Path(args.save).write_text(json.dumps(result, indent=2) + "\n")
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    _finish(result, host, meter, mem, hellos, cluster_info, errors, t_start)
+                if start_failed is not None:  # do not wait for a broken launch at every level
+                    per[p][t] = {"seconds": None, "capped": None, "error": start_failed}
+                    continue
+                c.set_link(0, LinkSpec(loss=p, rate=self.args.rate))
+                t0 = time.monotonic()
+                try:
+                    if group is None:
+                        group = Group(c, t, n, d, self.args, self.workdir)
+                        try:
+                            self.hellos[t] = {k: v for k, v in group.start().items() if k != "op"}
+                        except (GroupError, OSError) as exc:
+                            start_failed = f"could not start: {str(exc).splitlines()[0]}"
+                            raise
+                    m = self.level(c, group, t, n, d)
+                except (GroupError, OSError, ValueError) as exc:
+                    self.errors.append(f"n={n} d={d} loss={p} {t}: {exc}")
+                    log(f"error: {self.errors[-1]}")
+                    m = {"seconds": None, "capped": None, "error": str(exc).splitlines()[0]}
+                    if group is not None:
+                        group.kill()
+                        group = None
+                m["wall_s"] = round(time.monotonic() - t0, 2)
+                per[p][t] = m
+                _log_level(n, d, p, t, m)
+                if m.get("capped") and group is not None:
+                    group.kill()  # a transfer is still in flight: start afresh at the next level
+                    group = None
+        finally:
+            if group is not None:
+                group.close()
+
+    def level(self, c: Any, group: Group, t: str, n: int, d: int) -> dict[str, Any]:
+        """The gathers of one transport at the current loss level, with the kernel's drop counters."""
+        drops0 = drop_counters(c)
+        m = _measure(group, t, n, d, self.args, self.seq, self.mem)
+        drops1 = drop_counters(c)
+        m["kernel_drops"] = {k: drops1[k] - drops0[k] for k in drops1 if k in drops0}
+        return m
+
+
+def _log_level(n: int, d: int, p: float, t: str, m: dict[str, Any]) -> None:
+    extra = ""
+    if t == "lossympi" and m.get("delivered") is not None:
+        extra = (f" (data {fmt(m['data_seconds'], 3)} s, delivered {fmt(m['delivered'], 4)}, deadline "
+                 f"{fmt(m['deadline_s'], 3)} s)")
+    log(f"n={n} d={d} loss={p} {t}: {fmt(m['seconds'], 3)} s per gather"
+        f"{' (capped: lower bound)' if m.get('capped') else ''}{extra} "
+        f"[{m.get('repeats_done', 0)} runs, {m['wall_s']} s]")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.from_json:
+        result = _load(args.from_json)
+    else:
+        from lossympi.netem import require_root_reason
+
+        ns, ds, losses, transports = _check(args)
+        reason = require_root_reason()
+        if reason:
+            raise SystemExit(f"cannot build an emulated cluster here: {reason}")
+        workdir = Path(tempfile.mkdtemp(prefix="lmgather"))
+        try:
+            state = _Run(args, workdir)
+            for n, d in itertools.product(ns, ds):
+                state.configuration(n, d, losses, transports)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        result = state.finish()
     if args.plot:
         plot(result, args.plot)
         result["plot"] = args.plot
-    if args.save:
+    if args.save and not args.from_json:
         Path(args.save).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
