@@ -31,8 +31,44 @@ def test_constants_match_the_spec():
     assert wire.HEADER_SIZE == 32 == wire.HEADER.size
     assert wire.MAC_SIZE == 16
     assert wire.PROTOCOL_VERSION == 1
-    assert wire.KIND_DATA == 1 and wire.FLAG_MAC == 1
-    assert wire.DEFAULT_DATAGRAM_BYTES == 1500 - 20 - 8
+    assert wire.KIND_DATA == 1 and wire.KIND_FIN == 2 and wire.FLAG_MAC == 1
+    assert wire.DEFAULT_DATAGRAM_BYTES == 1500 - 20 - 8 and wire.MAX_DATAGRAM_BYTES == 65535 - 20 - 8
+    assert wire.RESERVED_TAG == 2**64 - 1
+    assert [(n, off) for n, off, _ in wire.HEADER_FIELDS] == [
+        ("version", 0), ("kind", 1), ("dtype", 2), ("flags", 3), ("src", 4), ("tag", 8), ("tensor_id", 16),
+        ("index", 20), ("count", 24), ("length", 28), ("stride", 30)]
+    assert wire.FIELDS["index"] == (20, "<I") and wire.FIELDS["tag"] == (8, "<Q")
+
+
+SHARED = ("HEADER_SIZE", "MAC_SIZE", "PROTOCOL_VERSION", "KIND_DATA", "KIND_FIN", "FLAG_MAC", "DEFAULT_DATAGRAM_BYTES",
+          "MAX_DATAGRAM_BYTES", "RESERVED_TAG", "HEADER_FIELDS", "HEADER_FORMAT", "DTYPE_CODES", "REJECT_REASONS")
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_wire_takes_shared_constants_from_the_core(name):
+    """One source: each constant wire shares with the core is the core's own object, not a copy typed twice."""
+    assert getattr(wire, name) is getattr(_core, name)
+
+
+def test_wire_defines_no_constant_of_its_own():
+    """Every upper-case int/str/tuple/dict constant in wire.py is the core's, or derived from the core's."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(wire))
+    literals = [t.id for node in tree.body if isinstance(node, ast.Assign | ast.AnnAssign)
+                for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                if isinstance(t, ast.Name) and t.id.isupper() and isinstance(node.value, ast.Constant | ast.Dict)]
+    assert literals == [], f"hand-written constants in lossympi/wire.py: {literals}"
+
+
+def test_header_layout_matches_the_core_offsets():
+    """A header packed by wire puts each field where the core reads it: the field is found at its offset."""
+    h = Header(src=0xA1A2A3A4, tag=0xB1B2B3B4B5B6B7B8, tensor_id=0xC1C2C3C4, index=0xD1D2D3D4, count=0xE1E2E3E4,
+               length=0xF1F2, stride=0xF3F4, dtype=0x55, flags=0x66, kind=0x77, version=0x88)
+    raw = h.pack()
+    for name, off, code in wire.HEADER_FIELDS:
+        assert struct.unpack_from("<" + code, raw, off)[0] == getattr(h, name), name
 
 
 @given(headers)
