@@ -41,3 +41,14 @@ def test_packages_load_their_modules() -> None:
     assert {"nnm", "bucketing", "clipping", "arc"} <= set(wrappers.names())
     assert {"alie", "ipm", "label-flip"} <= set(attacks.names())
     assert {"digits", "mnist", "cifar10", "synthetic"} <= set(experiments.names())
+
+
+def test_entry_point_group_defaults_to_the_package() -> None:
+    assert gars.REGISTRY.group == "aggregathor.gars" and attacks.REGISTRY.group == "aggregathor.attacks"
+    assert experiments.REGISTRY.group == "aggregathor.experiments"
+    assert wrappers.WRAPPERS.group == ""  # no package: no entry points, no reference hint
+    with pytest.raises(ValueError) as err:
+        wrappers.WRAPPERS.get("nope")
+    assert "path/to/file.py:attr" not in str(err.value)
+    with pytest.raises(ValueError, match=r"unknown attack 'nope'; known: .*; or name your own as path/to/file.py:attr"):
+        attacks.get("nope")
