@@ -101,8 +101,8 @@ class RogueWorker(LossympiWorker):
         """The datagrams of one message, byte for byte as a core with this key would send them."""
         stride = self.stride if stride is None else stride
         count = wire.chunk_count(len(payload), stride)
-        if kind != wire.KIND_DATA:  # a FIN: header only
-            h = wire.Header(src=src, tag=tag, tensor_id=tid, index=count, count=count, length=0, stride=stride,
+        if kind != wire.KIND_DATA:  # a FIN: header only, index 0 (protocol.md)
+            h = wire.Header(src=src, tag=tag, tensor_id=tid, index=0, count=count, length=0, stride=stride,
                             dtype=dtype, kind=kind)
             return [wire.pack_datagram(h, b"", key)]
         out = []
