@@ -1,12 +1,17 @@
-"""Smoke test of ``python -m lossympi.bench gather`` on a tiny emulated cluster: JSON schema, sane loss.
+"""Smoke tests of ``python -m lossympi.bench gather``.
 
-Needs root with ``ip`` and ``nft`` (network namespaces, nftables loss); skipped otherwise, with the reason
-given by :func:`lossympi.netem.require_root_reason`.
+- Its worker processes on loopback (no emulated cluster): every transport's root and senders start, gather and
+  check every row (tcp, grpc and mpi through :mod:`lossympi.baselines`, the code aggregathor trains with).
+- The whole benchmark on a tiny emulated cluster: JSON schema, sane loss. Needs root with ``ip`` and ``nft``
+  (network namespaces, nftables loss); skipped otherwise, with the reason given by
+  :func:`lossympi.netem.require_root_reason`.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +20,7 @@ from typing import Any
 import pytest
 
 from lossympi.bench.common import command_line
-from lossympi.bench.gather import TRANSPORTS, render
+from lossympi.bench.gather import TRANSPORTS, Group, render
 from lossympi.netem import require_root_reason
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +29,41 @@ ARGS = ["gather", "--n", "2", "--d", "20000", "--loss", str(LOSS), "--repeats", 
         "--transports", ",".join(TRANSPORTS), "--json", "--quiet"]
 
 _REASON = require_root_reason()
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"needs an emulated cluster: {_REASON}")
+needs_cluster = pytest.mark.skipif(_REASON is not None, reason=f"needs an emulated cluster: {_REASON}")
+
+
+class Loopback:
+    """What :class:`~lossympi.bench.gather.Group` uses of a cluster, with every host on 127.0.0.1."""
+
+    def __init__(self, size: int) -> None:
+        self.ips = ["127.0.0.1"] * size
+        self.hosts: list[str] = []  # no namespaces to sweep
+
+    def popen(self, i: int, argv: list[str], **kw: Any) -> subprocess.Popen:
+        return subprocess.Popen(argv, **kw)
+
+    def command(self, i: int, argv: list[str]) -> list[str]:
+        return list(argv)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_workers_gather_exactly_on_loopback(transport: str, tmp_path: Path) -> None:
+    if transport == "mpi" and (shutil.which("mpiexec") is None and not (Path(sys.executable).parent / "mpiexec")
+                               .exists()):
+        pytest.skip("mpiexec is not installed")
+    args = argparse.Namespace(ingest_gbps=1.0, root_nice=0, mpi_provider="tcp",
+                              mpi_env="FI_TCP_IFACE=lo,FI_SOCKETS_IFACE=lo")
+    group = Group(Loopback(3), transport, 2, 30011, args, tmp_path)
+    try:
+        hello = group.start()
+        assert hello["transport"] == transport
+        for seq in range(3):
+            res = group.gather(seq, 60.0, 5.0)
+            assert res["capped"] is False and res["verified"] is True and res["match_fraction"] == 1.0, res
+            assert res["delivered"] == 1.0 and res["seconds"] > 0
+    finally:
+        group.close()
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +78,7 @@ def _num(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
+@needs_cluster
 @pytest.mark.timeout(60)
 def test_json_schema(result: dict[str, Any]) -> None:
     r = result
@@ -67,6 +107,7 @@ def test_json_schema(result: dict[str, Any]) -> None:
     assert "lossympi s" in text and "reproduce:" in text
 
 
+@needs_cluster
 @pytest.mark.timeout(60)
 def test_lossympi_delivered_fraction_is_sane(result: dict[str, Any]) -> None:
     rec = result["records"][0]
