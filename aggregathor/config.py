@@ -150,10 +150,17 @@ class TrainConfig:
         need(self.deadline > 0, f"--deadline must be > 0 seconds, got {self.deadline}")
         need(isinstance(self.step_log, bool), f"--step-log must be true or false, got {self.step_log!r}")
         need(self.partition in ("iid", "dirichlet"), f"--partition must be iid or dirichlet, got {self.partition!r}")
-        if self.experiment not in experiments.names():
-            raise ConfigError(f"unknown --experiment {self.experiment!r}; known: {', '.join(experiments.names())}")
-        if self.byzantine and self.attack not in attacks.names():
-            raise ConfigError(f"unknown --attack {self.attack!r}; known: {', '.join(attacks.names())}")
+        need(isinstance(self.experiment, str), "--experiment must be a name or a module:attr reference, got "
+             f"{type(self.experiment).__name__} (aggregathor.train() takes the object itself)")
+        try:  # a name, an entry point or a module:attr reference to user code (resolved here, on this rank)
+            experiments.get(self.experiment)
+        except ValueError as exc:
+            raise ConfigError(f"--experiment: {exc}" if not str(exc).startswith("--") else str(exc)) from exc
+        if self.byzantine:
+            try:
+                attacks.get(self.attack, **self.attack_options)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"--attack: {exc}" if not str(exc).startswith("--") else str(exc)) from exc
         try:  # the ranks of a local run get the config as JSON
             options = json.dumps(self.gar_options, sort_keys=True)
         except TypeError as exc:
@@ -162,7 +169,8 @@ class TrainConfig:
         try:
             robust = _rule_nan_robust(self.gar, self.workers, self.f, options)
         except ValueError as exc:  # unknown rule or violated bound: the rule's message names it
-            raise ConfigError(f"--gar {self.gar} with --workers {self.workers} --f {self.f}: {exc}") from exc
+            where = f"--gar {self.gar} with --workers {self.workers} --f {self.f}"
+            raise ConfigError(str(exc) if str(exc).startswith("--gar") else f"{where}: {exc}") from exc
         self.__dict__["_nan_robust"] = robust  # the mark of a validated config
 
 
