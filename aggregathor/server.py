@@ -40,6 +40,7 @@ from aggregathor import experiments, gars
 from aggregathor.checkpoint import AtomicCheckpoints
 from aggregathor.config import TrainConfig
 from aggregathor.deadline import Deadline
+from aggregathor.state import aggregate_state
 from aggregathor.steplog import JsonLines, StepRecord
 from aggregathor.summary import RunCounters, RunSummary
 from aggregathor.transport.base import ProtocolEvents, ServerTransport
@@ -114,8 +115,9 @@ class ParameterServer:
         self.view = experiments.flat_view(self.model)
         self.update = self.view.update_fn(self.optimizer)
         self.rule = gars.get(cfg.gar, cfg.workers, cfg.f, **cfg.gar_options)
-        self.theta = np.zeros(self.view.size, np.float32)
-        self.rows = np.zeros((cfg.workers + 1, self.view.size), np.float32)  # row r: worker r's gradient
+        # what travels: the parameters (gradient) then the model's state (aggregathor.state)
+        self.theta = np.zeros(self.view.wire_size, np.float32)
+        self.rows = np.zeros((cfg.workers + 1, self.view.wire_size), np.float32)  # row r: worker r's message
         self.run_dir = Path(cfg.run_dir)
         self.step_var = tf.Variable(0, dtype=tf.int64, name="step")
         self.ckpt = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step_var)
@@ -162,7 +164,7 @@ class ParameterServer:
     async def warm_up(self) -> None:
         """Compile the rule and trace the update (without applying anything), then wait for the workers' ready
         barrier, so that step 0 carries no compilation (it took over 2 s); the run's clock starts here."""
-        self.rule(self.rows[1:])
+        self.rule(self._gradients())
         self.update.get_concrete_function()  # creates the optimizer's slots too
         await self.transport.announce({"ready": True})  # every worker has traced its functions
         self.t0 = time.monotonic()
@@ -174,7 +176,7 @@ class ParameterServer:
         await transport.announce({"step": k})
         missing = len(transport.missing_workers())  # workers with no live link: their gradients are lost
         params_at = time.monotonic()
-        self.theta[...] = self.view.get()
+        self.view.get_message(self.theta)
         await transport.send_params(self.theta, timeout=self.cfg.deadline)
         deadline = self.deadline.next()
         gather_at = time.monotonic()
@@ -186,6 +188,8 @@ class ParameterServer:
         rec.lost_gradients = self.counters.add_gather(report)
         rec.events = self.events.observe(report, self.rows[1:])
         rec.update_skipped = not self._aggregate_and_apply(k)
+        if self.view.state_size:
+            self.view.set_state(aggregate_state(self.rows[1:], report, self.view.size, self.view.get_state()))
         self.step_var.assign(k + 1)
         self._log_step(rec)
         self._when_due(k + 1, missing)
@@ -193,7 +197,7 @@ class ParameterServer:
 
     def _aggregate_and_apply(self, k: int) -> bool:
         """Aggregate the rows and update the model; False (model untouched) when the aggregate is not finite."""
-        g = self.rule(self.rows[1:])
+        g = self.rule(self._gradients())
         if not bool(tf.reduce_all(tf.math.is_finite(g))):
             self.counters.skipped_updates += 1
             log.warning("step %d: the aggregate is not finite (rule %s); update skipped", k, self.cfg.gar)
@@ -201,12 +205,17 @@ class ParameterServer:
         self.update(g)
         return True
 
+    def _gradients(self) -> np.ndarray:
+        """The ``(n, d)`` gradient rows, without the state columns (contiguous: a copy when there is a state)."""
+        rows = self.rows[1:]
+        return np.ascontiguousarray(rows[:, :self.view.size]) if self.view.state_size else rows
+
     def _log_step(self, rec: StepRecord) -> None:
         assert self.outputs is not None
         if self.outputs.steps is not None:
             self.outputs.steps.write(rec.row(time.monotonic(), self.t0))
         if self.outputs.bar is not None:
-            accuracy = self.history[-1]["accuracy"] if self.history else "-"
+            accuracy = self.history[-1].get("accuracy", "-") if self.history else "-"
             self.outputs.bar.update(1)
             self.outputs.bar.set_postfix(lost=f"{100 * self.counters.lost_chunk_fraction:.2f}%", acc=accuracy)
 
@@ -231,14 +240,19 @@ class ParameterServer:
         Returns the evaluation row (the keys of ``eval.jsonl``); it goes to TensorBoard, and with ``record`` also
         to ``eval.jsonl`` and the history.
         """
-        metrics = self.exp.evaluate(self.model)
-        row = {"wall": round(time.monotonic() - self.t0, 4), "step": step, "loss": float(metrics["loss"]),
-               "accuracy": float(metrics["accuracy"]), "lost_chunk_fraction": self.counters.lost_chunk_fraction,
-               "lost_gradients": self.counters.lost_gradients, "missing_workers": missing}
+        metrics = {k: float(v) for k, v in self.exp.evaluate(self.model).items()}
+        row: dict[str, Any] = {"wall": round(time.monotonic() - self.t0, 4), "step": step, "loss": metrics["loss"]}
+        if "accuracy" in metrics:  # a classification task
+            row["accuracy"] = metrics["accuracy"]
+        extra = {k: v for k, v in metrics.items() if k not in ("loss", "accuracy")}  # the user's metrics
+        if extra:
+            row["metrics"] = extra
+        row.update(lost_chunk_fraction=self.counters.lost_chunk_fraction,
+                   lost_gradients=self.counters.lost_gradients, missing_workers=missing)
         assert self.outputs is not None
         with self.outputs.tensorboard.as_default(step=step):
-            tf.summary.scalar("test/accuracy", row["accuracy"])
-            tf.summary.scalar("test/loss", row["loss"])
+            for name, value in metrics.items():
+                tf.summary.scalar(f"test/{name}", value)
             tf.summary.scalar("transport/lost_chunk_fraction", row["lost_chunk_fraction"])
         if record:
             self.outputs.evals.write(row)

@@ -59,7 +59,7 @@ class RunSummary:
     to counts by reason; ``incomplete_rows``, ``nonfinite_rows`` and ``huge_rows`` count steps.
     """
 
-    accuracy: float
+    accuracy: float | None  # None for a task without accuracy (regression): see ``metrics``
     loss: float
     steps: int
     wall_seconds: float
@@ -87,6 +87,7 @@ class RunSummary:
     control_rejects: dict[str, int] = field(default_factory=dict)  # refused control connections by reason
     control_link_failures: dict[str, int] = field(default_factory=dict)  # lost worker links by reason
     rendezvous_rejects: dict[str, int] = field(default_factory=dict)  # refused rendezvous connections by reason
+    metrics: dict[str, float] = field(default_factory=dict)  # every metric of the last evaluation (loss included)
 
     @classmethod
     def of_run(cls, *, evaluation: dict[str, Any], counters: RunCounters, faults: FaultCounters, steps: int,
@@ -94,14 +95,17 @@ class RunSummary:
         """The summary of a run that reached ``steps`` (``done`` of them by this server, in ``wall`` seconds), its
         last ``evaluation`` row, the server's counters and the transport's crash-fault counters; ``fields`` gives
         the rest (config, history, the protocol events' totals, resumed_from, checkpoints_skipped)."""
-        return cls(accuracy=float(evaluation["accuracy"]), loss=float(evaluation["loss"]), steps=steps,
+        accuracy = evaluation.get("accuracy")
+        return cls(accuracy=None if accuracy is None else float(accuracy), loss=float(evaluation["loss"]), steps=steps,
                    wall_seconds=wall, steps_per_second=done / wall if wall > 0 else 0.0,
                    lost_chunk_fraction=counters.lost_chunk_fraction, lost_gradients=counters.lost_gradients,
                    rejected_datagrams=counters.rejected, missing_workers=counters.missing_workers,
                    max_missing_workers=counters.max_missing_workers, skipped_updates=counters.skipped_updates,
                    rejoins=int(faults.rejoins), control_rejects=dict(faults.control_rejects),
                    control_link_failures=dict(faults.control_link_failures),
-                   rendezvous_rejects=dict(faults.rendezvous_rejects), **fields)
+                   rendezvous_rejects=dict(faults.rendezvous_rejects),
+                   metrics={**{k: float(evaluation[k]) for k in ("loss", "accuracy") if k in evaluation},
+                            **{k: float(v) for k, v in evaluation.get("metrics", {}).items()}}, **fields)
 
     def write(self, path: str | Path) -> None:
         """Write the summary as JSON, atomically: a reader never sees half of it."""

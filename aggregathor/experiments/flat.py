@@ -1,7 +1,9 @@
 """A model's trainable variables as one flat float32 vector, and the flat gradient function.
 
 The parameter server ships the parameters and the gradients as one ``(d,)`` float32 vector, in the order of
-``model.trainable_variables``. :func:`get_flat` is one traced concatenation, :func:`set_flat` one traced
+``model.trainable_variables``, followed by the model's *state*: its floating-point non-trainable variables
+(BatchNormalization's moving mean and variance, ...; ``s`` values, often 0), see :meth:`FlatView.get_state`.
+:func:`get_flat` is one traced concatenation, :func:`set_flat` one traced
 split plus one assignment per variable; :func:`gradient_fn` maps a batch to the flat gradient in one traced
 call; :meth:`FlatView.update_fn` applies a flat gradient with an optimizer in one traced call (the parameter
 server's update). Python touches each variable only while tracing, never per step. The server and the workers
@@ -36,23 +38,12 @@ class FlatView:
         self.shapes = [tuple(int(s) for s in v.shape) for v in self.variables]
         self.sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
         self.size = int(sum(self.sizes))
-        variables, shapes, sizes = self.variables, self.shapes, self.sizes
-
-        @tf.function(autograph=False)
-        def get() -> tf.Tensor:
-            if not variables:
-                return tf.zeros([0], tf.float32)
-            return tf.concat([tf.reshape(tf.cast(v.value, tf.float32), [-1]) for v in variables], axis=0)
-
-        @tf.function(input_signature=[tf.TensorSpec([self.size], tf.float32)], autograph=False)
-        def set_(vec: tf.Tensor) -> None:
-            if not variables:
-                return
-            for v, part, shape in zip(variables, tf.split(vec, sizes), shapes, strict=True):
-                v.assign(tf.cast(tf.reshape(part, shape), v.dtype))
-
-        self._get = get
-        self._set = set_
+        self._get, self._set = _traced_pair(self.variables, self.sizes)
+        # the state: floating-point non-trainable variables (integer ones, e.g. a dropout seed, are the worker's own)
+        self.state_variables = [v for v in model.non_trainable_variables if "float" in str(v.dtype)]
+        self.state_sizes = [int(np.prod(tuple(v.shape), dtype=np.int64)) for v in self.state_variables]
+        self.state_size = int(sum(self.state_sizes))
+        self._get_state, self._set_state = _traced_pair(self.state_variables, self.state_sizes)
 
     def get(self) -> tf.Tensor:
         """The ``(d,)`` float32 tensor of the variables' current values (on the variables' device)."""
@@ -67,6 +58,32 @@ class FlatView:
         if int(t.shape[0]) != self.size:
             raise ValueError(f"flat vector has {int(t.shape[0])} values, the model has {self.size} parameters")
         self._set(t)
+
+    @property
+    def wire_size(self) -> int:
+        """Values per message on the wire: the ``d`` parameters (or gradient) followed by the ``s`` state values."""
+        return self.size + self.state_size
+
+    def get_state(self) -> np.ndarray:
+        """The ``(s,)`` float32 values of the state variables (a new array; empty when the model has none)."""
+        return self._get_state().numpy()
+
+    def set_state(self, vec: Any) -> None:
+        """Assign the state variables from an ``(s,)`` vector."""
+        vec = np.asarray(vec, dtype=np.float32).reshape(-1)
+        if vec.size != self.state_size:
+            raise ValueError(f"state vector has {vec.size} values, the model has {self.state_size} state values")
+        self._set_state(tf.convert_to_tensor(vec))
+
+    def get_message(self, out: np.ndarray) -> None:
+        """Write the parameters then the state into ``out`` (``(wire_size,)`` float32): what the server sends."""
+        out[:self.size] = self.get().numpy()
+        out[self.size:] = self.get_state()
+
+    def set_message(self, vec: np.ndarray) -> None:
+        """Assign the parameters and the state from a ``(wire_size,)`` message (what a worker receives)."""
+        self.set(vec[:self.size])
+        self.set_state(vec[self.size:])
 
     def update_fn(self, optimizer: Any) -> Callable[[Any], None]:
         """A ``tf.function`` applying a flat ``(d,)`` float32 gradient to the variables with ``optimizer``
@@ -83,6 +100,26 @@ class FlatView:
                 [(tf.reshape(p, s), v) for p, s, v in zip(parts, shapes, variables, strict=True)])
 
         return apply
+
+
+def _traced_pair(variables: list[Any], sizes: list[int]) -> tuple[Callable[[], tf.Tensor], Callable[[Any], None]]:
+    """A traced ``get`` (one float32 concatenation) and ``set`` (one split, one assignment per variable)."""
+    shapes = [tuple(int(s) for s in v.shape) for v in variables]
+
+    @tf.function(autograph=False)
+    def get() -> tf.Tensor:
+        if not variables:
+            return tf.zeros([0], tf.float32)
+        return tf.concat([tf.reshape(tf.cast(v.value, tf.float32), [-1]) for v in variables], axis=0)
+
+    @tf.function(input_signature=[tf.TensorSpec([sum(sizes)], tf.float32)], autograph=False)
+    def set_(vec: tf.Tensor) -> None:
+        if not variables:
+            return
+        for v, part, shape in zip(variables, tf.split(vec, sizes), shapes, strict=True):
+            v.assign(tf.cast(tf.reshape(part, shape), v.dtype))
+
+    return get, set_
 
 
 def flat_view(model: keras.Model, *, refresh: bool = False) -> FlatView:
