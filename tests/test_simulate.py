@@ -84,7 +84,7 @@ def test_a_byzantine_worker_uses_the_side_channel_only_when_declared(tmp_path) -
     blind, twin = Worker(cfg, _FakeWorkerSide(3, None)), Worker(cfg, _FakeWorkerSide(3, None))
     for w in (blind, twin):
         w.warm_up()
-    estimate = byzantine_gradient(cfg, twin.attack, twin.grad_fn, twin.batches, twin.rng)  # from n - f own batches
+    estimate = byzantine_gradient(cfg, twin.attack, twin.message, twin.batches, twin.rng)  # from n - f own batches
     got = asyncio.run(blind.gradient())
     assert np.all(np.isfinite(got)) and np.any(got != 0)
     np.testing.assert_array_equal(got, estimate)
