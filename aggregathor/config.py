@@ -58,7 +58,8 @@ class TrainConfig:
     alpha: float = 0.5
     eval_every: int = 50
     checkpoint_every: int = 100
-    run_dir: str = "runs/latest"
+    run_dir: str | None = None  # None: a fresh runs/<UTC time>-<experiment>-<gar> (aggregathor.rundir)
+    resume: bool = False  # continue the run in run_dir (its stored settings must match; steps may be raised)
     launcher: str = "local"
     json_out: str | None = None
     step_log: bool = True
@@ -149,6 +150,9 @@ class TrainConfig:
              "loss on the network instead (tools/netem)")
         need(self.deadline > 0, f"--deadline must be > 0 seconds, got {self.deadline}")
         need(isinstance(self.step_log, bool), f"--step-log must be true or false, got {self.step_log!r}")
+        need(isinstance(self.resume, bool), f"--resume must be true or false, got {self.resume!r}")
+        need(self.run_dir is None or (isinstance(self.run_dir, str) and self.run_dir != ""),
+             f"--run-dir must be a directory path, got {self.run_dir!r}")
         need(self.partition in ("iid", "dirichlet"), f"--partition must be iid or dirichlet, got {self.partition!r}")
         need(isinstance(self.experiment, str), "--experiment must be a name or a module:attr reference, got "
              f"{type(self.experiment).__name__} (aggregathor.train() takes the object itself)")

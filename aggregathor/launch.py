@@ -10,13 +10,22 @@
 Crash faults (lossympi transport): a worker that dies is missing, its gradient lost, and training goes on; the
 same worker restarted with the same command and environment (:meth:`LocalJob.start`) rejoins through the
 rendezvous that rank 0 keeps open (:class:`lossympi.bootstrap.RejoinService`) and takes part from the next step.
-When the server dies, the workers exit with status :data:`EXIT_SERVER_GONE`; running the same job again with the
-same ``--run-dir`` resumes from the last checkpoint (:mod:`aggregathor.checkpoint`), losing only the steps since.
+When the server dies, the workers exit with status :data:`EXIT_SERVER_GONE`; running the same job again with
+``--run-dir DIR --resume`` resumes from the last checkpoint (:mod:`aggregathor.checkpoint`), losing only the steps
+since.
+
+The run directory is decided once per job, before any rank starts, by :func:`aggregathor.rundir.prepare` (a fresh
+one by default; an existing run only with ``--resume``): in this process for ``local`` and ``simulate``, on rank 0
+for ``mpi`` (which sends it to the other ranks).
+
+Ranks do not print TensorFlow's start-up banners (:mod:`aggregathor.banners`) unless ``verbose``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import secrets
 import socket
@@ -26,11 +35,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aggregathor.config import TrainConfig
-from aggregathor.runtime import RunSummary
+from aggregathor import rundir
+from aggregathor.config import ConfigError, TrainConfig
+from aggregathor.summary import RunSummary
 from aggregathor.transport import Capability, ServerGone, ServerTransport, WorkerTransport, build_transport
 
-__all__ = ["EXIT_SERVER_GONE", "LocalJob", "launch", "run_rank"]
+__all__ = ["EXIT_SERVER_GONE", "LocalJob", "configure_logging", "launch", "run_rank"]
 
 #: Exit status of a worker whose server closed the control channel (it exited or crashed).
 EXIT_SERVER_GONE = 3
@@ -42,16 +52,55 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(cfg: TrainConfig, *, progress: bool = True) -> RunSummary | None:
-    """Run ``cfg`` with its launcher and return the server's summary (None on a worker rank under MPI)."""
+def configure_logging() -> None:
+    """Log at ``$AGGREGATHOR_LOG`` (default WARNING), each line naming the process."""
+    logging.basicConfig(level=os.environ.get("AGGREGATHOR_LOG", "WARNING"),
+                        format="%(asctime)s %(name)s rank=%(process)d %(levelname)s %(message)s")
+
+
+def launch(cfg: TrainConfig, *, progress: bool = True, verbose: bool = False) -> RunSummary | None:
+    """Run ``cfg`` with its launcher and return the server's summary (None on a worker rank under MPI).
+
+    The run directory is decided first (:func:`aggregathor.rundir.prepare`; printed as ``run directory: DIR``);
+    the summary's ``config["run_dir"]`` names it. ``cfg`` itself is not changed. ``verbose``: the local ranks
+    print TensorFlow's start-up banners. Raises ConfigError for a run directory that cannot be used.
+    """
     cfg.validate()
+    if cfg.launcher == "mpi":
+        return run_rank(_decide_under_mpi(cfg), method="mpi", progress=progress)
+    cfg = _decide(cfg)
     if cfg.launcher == "simulate":
         from aggregathor.simulate import simulate
 
         return simulate(cfg, progress=progress)
-    if cfg.launcher == "mpi":
-        return run_rank(cfg, method="mpi", progress=progress)
-    return _launch_local(cfg, progress=progress)
+    return _launch_local(cfg, progress=progress, verbose=verbose)
+
+
+def _decide(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its run directory decided and created (this process decides), announced on stdout."""
+    path = rundir.prepare(cfg)
+    print(f"run directory: {path}", flush=True)
+    return dataclasses.replace(cfg, run_dir=str(path)).validate()
+
+
+def _decide_under_mpi(cfg: TrainConfig) -> TrainConfig:
+    """Rank 0 decides the run directory and sends it to every rank (the others create nothing); a refusal stops
+    every rank: rank 0 raises the ConfigError, the others exit with status 2."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    answer: tuple[str, str] | None = None
+    if comm.Get_rank() == 0:
+        try:
+            answer = ("ok", str(_decide(cfg).run_dir))
+        except ConfigError as exc:
+            answer = ("error", str(exc))
+    kind, text = comm.bcast(answer, root=0)
+    if kind == "error":
+        if comm.Get_rank() == 0:
+            raise ConfigError(text)
+        raise SystemExit(2)
+    return dataclasses.replace(cfg, run_dir=text).validate()
 
 
 class LocalJob:
@@ -65,12 +114,17 @@ class LocalJob:
     Parameters
     ----------
     cfg : TrainConfig
-        The run.
+        The run; its ``run_dir`` is decided already (:func:`aggregathor.rundir.prepare`). A server restarted on a
+        run directory with checkpoints continues only with ``cfg.resume`` (a restarted job is an explicit resume).
     progress : bool
         Rank 0 draws its progress bar on this process's terminal.
+    verbose : bool
+        The ranks print TensorFlow's start-up banners (``AGGREGATHOR_VERBOSE=1``).
     """
 
-    def __init__(self, cfg: TrainConfig, *, progress: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, *, progress: bool = False, verbose: bool = False) -> None:
+        if cfg.run_dir is None:
+            raise ValueError("LocalJob needs a decided run directory: cfg.run_dir is None (see aggregathor.rundir)")
         self.size = cfg.workers + 1
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -82,6 +136,10 @@ class LocalJob:
         env.update(LOSSYMPI_WORLD_SIZE=str(self.size), LOSSYMPI_RENDEZVOUS=f"127.0.0.1:{_free_port()}",
                    LOSSYMPI_SECRET=secrets.token_hex(16), TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1",
                    TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1")
+        if verbose:
+            env["AGGREGATHOR_VERBOSE"] = "1"
+        else:
+            env.pop("AGGREGATHOR_VERBOSE", None)
         self.env = env
         self.logs = self.run_dir / "logs"
         self.logs.mkdir(exist_ok=True)
@@ -143,8 +201,8 @@ class LocalJob:
                 p.wait()
 
 
-def _launch_local(cfg: TrainConfig, *, progress: bool) -> RunSummary:
-    job = LocalJob(cfg, progress=progress)
+def _launch_local(cfg: TrainConfig, *, progress: bool, verbose: bool) -> RunSummary:
+    job = LocalJob(cfg, progress=progress, verbose=verbose)
     try:
         job.start_all()
         return job.wait()
@@ -159,7 +217,8 @@ def run_rank(cfg: TrainConfig, *, method: str = "env", progress: bool = True,
     ``build(cfg, world, mpi=...)`` makes this rank's side of the transport (default
     :func:`aggregathor.transport.build_transport`; a test may pass one that builds a misbehaving worker).
     """
-    from aggregathor.runtime import configure_logging, run_server, run_worker
+    from aggregathor.server import run_server
+    from aggregathor.worker import run_worker
     from lossympi.bootstrap import from_env, from_mpi
     from lossympi.endpoint import new_event_loop
 
@@ -179,19 +238,14 @@ def run_rank(cfg: TrainConfig, *, method: str = "env", progress: bool = True,
             loop.run_until_complete(run_worker(cfg, transport))  # type: ignore[arg-type]
         except ServerGone as exc:
             print(f"aggregathor worker {world.rank}: {exc}. This worker stops (exit status {EXIT_SERVER_GONE}); "
-                  "restart the whole job to resume from the last checkpoint.", file=sys.stderr, flush=True)
+                  "restart the whole job with --resume to continue from the last checkpoint.",
+                  file=sys.stderr, flush=True)
             raise SystemExit(EXIT_SERVER_GONE) from None
         return None
     finally:
         transport.close()
         world.close()
         loop.close()
-
-
-def summary_line(summary: RunSummary) -> str:
-    return (f"accuracy {summary.accuracy:.4f} after {summary.steps} steps in {summary.wall_seconds:.1f} s "
-            f"({summary.steps_per_second:.1f} steps/s); lost {100 * summary.lost_chunk_fraction:.2f}% of gradient "
-            f"chunks, {summary.lost_gradients} whole gradients")
 
 
 def main_rank(argv: list[str]) -> int:

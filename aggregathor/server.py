@@ -144,14 +144,21 @@ class ParameterServer:
             self.outputs.close()
 
     def restore(self) -> int:
-        """Create the run directory, record the config there and load the newest intact checkpoint.
+        """Create the run directory, record the config there and, with ``cfg.resume``, load the newest intact
+        checkpoint. A directory that holds a run is refused without ``cfg.resume``, or when the stored settings
+        differ (:func:`aggregathor.rundir.check_reuse`: ConfigError).
 
         Returns the step to start at (0 without a checkpoint).
         """
+        from aggregathor.rundir import check_reuse
+
+        check_reuse(self.cfg, self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1, default=str))
         self.checkpoints = checkpoints = AtomicCheckpoints(self.run_dir / "checkpoints", keep=3)
-        restored = checkpoints.restore(lambda prefix: self.ckpt.read(prefix).assert_existing_objects_matched())
+        restored = None
+        if self.cfg.resume:
+            restored = checkpoints.restore(lambda prefix: self.ckpt.read(prefix).assert_existing_objects_matched())
         self.start = int(self.step_var.numpy())
         if restored is not None:
             if self.start != restored:

@@ -10,7 +10,7 @@
 - Real training runs (processes of :class:`aggregathor.launch.LocalJob`, digits): workers SIGKILLed mid-run are
   counted missing and the run completes; a restarted worker rejoins and its gradients arrive again; hostile
   connections against the running server's control port and rendezvous are counted; a SIGKILLed server restarted
-  on the same run directory resumes from its last checkpoint.
+  on the same run directory with ``resume`` (``--resume``) continues from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -549,6 +549,7 @@ def test_workers_killed_mid_run_are_missing_and_a_restarted_one_rejoins(tmp_path
 
 def test_server_killed_mid_run_resumes_from_its_last_checkpoint(tmp_path):
     from aggregathor.checkpoint import AtomicCheckpoints
+    from aggregathor.config import TrainConfig
     from aggregathor.launch import EXIT_SERVER_GONE, LocalJob
 
     cfg = _cfg(tmp_path, workers=2, f=1, steps=300, eval_every=100, checkpoint_every=20)
@@ -571,7 +572,8 @@ def test_server_killed_mid_run_resumes_from_its_last_checkpoint(tmp_path):
     last = AtomicCheckpoints(run_dir / "checkpoints").latest_valid()
     assert last is not None and last % 20 == 0 and last < cfg.steps
     killed_after = len(_steps(run_dir))
-    second = LocalJob(cfg)  # the same job again, on the same run directory
+    # the same job again, on the same run directory: a restarted job is an explicit resume
+    second = LocalJob(TrainConfig.from_dict(cfg.to_dict() | {"resume": True}))
     try:
         second.start_all()
         summary = second.wait()

@@ -32,8 +32,8 @@ def cfg(tmp_path: Path, **kw) -> TrainConfig:
         (dict(byzantine=9, workers=8), "between 0 and the number of workers"),
         (dict(byzantine=2, f=1), "exceeds the declared bound"),
         (dict(gar="no-such-rule"), "unknown aggregation rule"),
-        (dict(attack="no-such-attack"), "unknown --attack"),
-        (dict(experiment="imagenet"), "unknown --experiment"),
+        (dict(attack="no-such-attack"), "--attack: unknown attack"),
+        (dict(experiment="imagenet"), "--experiment: unknown experiment"),
         (dict(transport="carrier-pigeon"), "unknown --transport"),
         (dict(transport="mpi", loss=0), "needs the MPI launcher"),
         (dict(loss=1.5), "--loss"),
@@ -96,7 +96,7 @@ def test_checkpoint_resume_continues_at_the_saved_step(tmp_path):
             checkpoint_every=30, loss=0.0)
     first = launch(c, progress=False)
     assert first.steps == 30
-    c2 = TrainConfig.from_dict(c.to_dict() | {"steps": 45, "eval_every": 15})
+    c2 = TrainConfig.from_dict(c.to_dict() | {"steps": 45, "eval_every": 15, "resume": True})
     second = launch(c2, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [30, 45]  # resumed at 30: no step was redone
