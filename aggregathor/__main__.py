@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 from typing import Any
 
@@ -33,8 +34,12 @@ FLAG_HELP = {
     "partition": "data partition across workers: iid or dirichlet",
     "alpha": "concentration of --partition dirichlet (smaller: less IID)",
     "eval_every": "evaluate on the test set every this many steps",
-    "checkpoint_every": "checkpoint every this many steps (0: only at the end); a restart resumes",
-    "run_dir": "directory of checkpoints, TensorBoard, eval.jsonl, steps.jsonl",
+    "checkpoint_every": "checkpoint every this many steps (0: only at the end); --resume continues from the last",
+    "run_dir": "directory of the run (config.json, checkpoints, TensorBoard, eval.jsonl, steps.jsonl); it must not "
+               "hold a run yet, unless --resume (default: a fresh runs/<UTC time>-<experiment>-<gar>)",
+    "resume": "continue the run in --run-dir from its last checkpoint; refused when a setting differs from the "
+              "stored run's (--steps may be raised; --launcher, --eval-every, --checkpoint-every, --step-log, "
+              "--json-out may change)",
     "launcher": "local (processes on loopback), mpi (under mpiexec) or simulate (one process)",
     "json_out": "write the run's JSON summary here",
     "step_log": "write one JSON line per step to RUN_DIR/steps.jsonl",
@@ -50,19 +55,26 @@ def _train_parser(sub: Any) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
+        if f.name == "resume":
+            tr.add_argument(flag, action="store_true", default=None, help=FLAG_HELP[f.name])
+            continue
         if isinstance(default, bool):  # --step-log / --no-step-log (type=bool would read "false" as True)
             tr.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                             help=f"{FLAG_HELP.get(f.name, '')} (default: {default})")
             continue
         kind = type(default) if default is not None else str
-        tr.add_argument(flag, type=kind, default=None, help=f"{FLAG_HELP.get(f.name, '')} (default: {default})")
+        shown = "" if default is None else f" (default: {default})"  # a None default is described in the text
+        tr.add_argument(flag, type=kind, default=None, help=FLAG_HELP.get(f.name, "") + shown)
     tr.add_argument("--gar-option", action="append", default=[], metavar="KEY=VALUE",
                     help="extra argument of the rule, e.g. m=5 (JSON values)")
     tr.add_argument("--attack-option", action="append", default=[], metavar="KEY=VALUE",
                     help="extra argument of the attack, e.g. z=1.5 (JSON values)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.add_argument("--verbose", action="store_true",
+                    help="show TensorFlow's start-up banners (of this process and of every rank)")
     tr.add_argument("--compare", action="store_true",
-                    help="also run 'average' under the same attack and print both accuracies")
+                    help="also train 'average' under the same attack (its own fresh directory, or RUN_DIR-average) "
+                         "and print both in a table")
 
 
 def _options(items: list[str], flag: str) -> dict[str, Any]:
@@ -91,25 +103,34 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from aggregathor import banners, report
     from aggregathor.config import ConfigError
-    from aggregathor.launch import launch, summary_line
+    from aggregathor.launch import launch
 
+    if args.verbose:
+        banners.replay()
     try:
         cfg = _config(args)
+        if args.compare and cfg.resume:
+            raise ConfigError("--compare trains two fresh runs; it cannot --resume (resume each run on its own)")
+        summary = launch(cfg, progress=not args.quiet, verbose=args.verbose)
+        if summary is None:  # a worker rank under mpiexec: the server reports
+            return 0
+        runs = [summary]
+        if args.compare and cfg.gar != "average":
+            base = dataclasses.replace(cfg, gar="average", gar_options={},
+                                       run_dir=cfg.run_dir and cfg.run_dir.rstrip("/") + "-average",
+                                       json_out=(cfg.json_out + ".average.json") if cfg.json_out else None)
+            runs.append(launch(base, progress=not args.quiet, verbose=args.verbose))  # type: ignore[arg-type]
     except ConfigError as exc:
         print(f"aggregathor train: {exc}", file=sys.stderr)
         return 2
-    summary = launch(cfg, progress=not args.quiet)
-    if summary is None:  # a worker rank under mpiexec: the server reports
-        return 0
-    print(f"{cfg.gar}: {summary_line(summary)}")
-    if args.compare and cfg.gar != "average":
-        base = dataclasses.replace(cfg, gar="average", gar_options={}, run_dir=cfg.run_dir + "-average",
-                                   json_out=(cfg.json_out + ".average.json") if cfg.json_out else None)
-        other = launch(base, progress=not args.quiet)
-        print(f"average: {summary_line(other)}")
-        print(f"with {cfg.byzantine} Byzantine worker(s) running '{cfg.attack}': {cfg.gar} reaches "
-              f"{summary.accuracy:.3f}, averaging {other.accuracy:.3f}")
+    for run in runs:
+        print("\n".join(report.final_lines(run)))
+    if len(runs) > 1:
+        print(f"with {cfg.byzantine} Byzantine worker(s) running '{cfg.attack}':")
+        print("\n".join(report.compare_table(runs)))
+        print("compare the curves: aggregathor plot " + " ".join(shlex.quote(str(r.config["run_dir"])) for r in runs))
     return 0
 
 
