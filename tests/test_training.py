@@ -140,8 +140,12 @@ def test_training_under_mpiexec(tmp_path):
     proc = subprocess.run(
         [str(mpiexec), "-n", "4", sys.executable, "-m", "aggregathor", "train", "--launcher", "mpi",
          "--workers", "3", "--f", "0", "--byzantine", "0", "--gar", "average", "--steps", "40", "--eval-every", "40",
-         "--loss", "0", "--run-dir", str(tmp_path / "run"), "--json-out", str(out), "--quiet"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
+         "--loss", "0", "--json-out", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = _check_summary(out, 40)
     assert summary["accuracy"] > 0.7, summary
+    # rank 0 decided the fresh run directory and told the others: one directory, announced once
+    dirs = list((tmp_path / "runs").iterdir())
+    assert len(dirs) == 1 and (dirs[0] / "eval.jsonl").is_file(), dirs
+    assert proc.stdout.count("run directory: ") == 1 and summary["config"]["run_dir"] == f"runs/{dirs[0].name}"

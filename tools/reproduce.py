@@ -334,7 +334,7 @@ def execute(spec: RunSpec, scratch: Path, quiet_wait: float = 0.0, quiet_thresho
     from lossympi.bench.common import CpuMeter
 
     run_dir = scratch / spec.part / spec.name
-    shutil.rmtree(run_dir, ignore_errors=True)  # the server resumes from a checkpoint in its run directory
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run left there would be refused (not resumed)
     run_dir.mkdir(parents=True)
     cfg = {**spec.config, "run_dir": str(run_dir)}
     launcher = spec.harness["launcher"]

@@ -492,7 +492,7 @@ def train_config(args: argparse.Namespace, run_dir: Path, steps: int) -> dict[st
 def run_job(args: argparse.Namespace, cfg: dict[str, Any], cluster: Any, interval: float | None,
             timeout: float) -> Runner:
     run_dir = Path(cfg["run_dir"])
-    shutil.rmtree(run_dir, ignore_errors=True)  # the server would resume from a checkpoint left there
+    shutil.rmtree(run_dir, ignore_errors=True)  # the server refuses a directory that holds a run
     run_dir.mkdir(parents=True)
     runner = Runner(cfg, cluster, timeout)
     runner.run(interval)
