@@ -46,11 +46,19 @@ if _missing:
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
+from aggregathor.banners import import_tensorflow  # noqa: E402  (standard library only)
+
+tf = import_tensorflow()  # without TensorFlow's start-up banners (aggregathor train --verbose shows them)
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "MissingTrainingDependencies", "TRAIN_MODULES", "devices", "default_device"]
+from aggregathor.api import train  # noqa: E402
+from aggregathor.config import ConfigError, TrainConfig  # noqa: E402
+from aggregathor.experiments.keras_experiment import KerasExperiment  # noqa: E402
+from aggregathor.summary import RunSummary  # noqa: E402
+
+__all__ = ["__version__", "ConfigError", "KerasExperiment", "MissingTrainingDependencies", "RunSummary",
+           "TRAIN_MODULES", "TrainConfig", "default_device", "devices", "train"]
 
 
 def devices() -> dict[str, list[str]]:

@@ -63,6 +63,20 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
+#: The user files and modules being imported now to resolve a reference (innermost last). While one is, training must
+#: not start: a file that calls :func:`aggregathor.train` at import (without the ``__main__`` guard) would otherwise
+#: start a job in every rank that imports it, recursively.
+importing: list[str] = []
+
+
+def _run_import(what: str, load: Callable[[], types.ModuleType]) -> types.ModuleType:
+    importing.append(what)
+    try:
+        return load()
+    finally:
+        importing.pop()
+
+
 def _import_file(path: str, where: str) -> types.ModuleType:
     """Import the ``.py`` file ``path`` once per process under :func:`file_module_name`."""
     real = os.path.realpath(path)
@@ -83,7 +97,7 @@ def _import_file(path: str, where: str) -> types.ModuleType:
         if os.path.dirname(real) not in sys.path:  # its sibling modules import, as under `python file.py`
             sys.path.append(os.path.dirname(real))
         try:
-            spec.loader.exec_module(module)
+            _run_import(path, lambda: spec.loader.exec_module(module) or module)
         except Exception as exc:
             del sys.modules[name]
             raise ValueError(f"{where}: importing {path} raised {_first_line(exc)}") from exc
@@ -95,7 +109,7 @@ def _import(module: str, where: str) -> types.ModuleType:
     if module.endswith(".py") or "/" in module or os.sep in module:
         return _import_file(module, where)
     try:
-        return importlib.import_module(module)
+        return _run_import(module, lambda: importlib.import_module(module))
     except ImportError as exc:
         raise ValueError(f"{where}: cannot import {module}: {_first_line(exc)}") from exc
     except Exception as exc:

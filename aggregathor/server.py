@@ -40,6 +40,7 @@ from aggregathor import experiments, gars
 from aggregathor.checkpoint import AtomicCheckpoints
 from aggregathor.config import TrainConfig
 from aggregathor.deadline import Deadline
+from aggregathor.notices import Notices
 from aggregathor.state import aggregate_state
 from aggregathor.steplog import JsonLines, StepRecord
 from aggregathor.summary import RunCounters, RunSummary
@@ -125,6 +126,7 @@ class ParameterServer:
         self.deadline = Deadline(cfg.deadline)
         self.counters = RunCounters()
         self.events = ProtocolEvents(cfg.workers)  # what the workers did at the protocol level
+        self.notices = Notices(log)  # repeating conditions: logged once, then counted
         self.history: list[dict[str, Any]] = []  # the evaluation rows
         self.start = 0  # the step this server starts at (that of the checkpoint it restored)
         self.saved = -1  # the step of the newest checkpoint
@@ -193,10 +195,15 @@ class ParameterServer:
         self.deadline.observe_gather(report, self.cfg.workers, self.cfg.f)
         self.counters.add_missing(missing)
         rec.lost_gradients = self.counters.add_gather(report)
+        self.notices.note("gradients lost", k, f"{rec.lost_gradients} gradient(s) missed the deadline entirely",
+                          rec.lost_gradients)
+        self.notices.note("worker-steps without a live worker", k, f"{missing} worker(s) missing (no live link)",
+                          missing)
         rec.events = self.events.observe(report, self.rows[1:])
         rec.update_skipped = not self._aggregate_and_apply(k)
         if self.view.state_size:
-            self.view.set_state(aggregate_state(self.rows[1:], report, self.view.size, self.view.get_state()))
+            self.view.set_state(aggregate_state(self.rows[1:], report, self.view.size, self.view.get_state(),
+                                               self.cfg.f))
         self.step_var.assign(k + 1)
         self._log_step(rec)
         self._when_due(k + 1, missing)
@@ -207,7 +214,8 @@ class ParameterServer:
         g = self.rule(self._gradients())
         if not bool(tf.reduce_all(tf.math.is_finite(g))):
             self.counters.skipped_updates += 1
-            log.warning("step %d: the aggregate is not finite (rule %s); update skipped", k, self.cfg.gar)
+            self.notices.note("updates skipped (non-finite aggregate)", k,
+                              f"the aggregate is not finite (rule {self.cfg.gar}); the update is skipped")
             return False
         self.update(g)
         return True
@@ -264,6 +272,9 @@ class ParameterServer:
         if record:
             self.outputs.evals.write(row)
             self.history.append(row)
+            totals = self.notices.totals()
+            if totals is not None:
+                log.warning("step %d: %s", step, totals)
         return row
 
     async def finish(self) -> RunSummary:

@@ -7,12 +7,13 @@ state towards its batch's statistics (``state' = m * state + (1 - m) * batch``),
 gradient. The server then takes, coordinate by coordinate, the median of the values that arrived:
 
 .. math:: s_j \\leftarrow \\operatorname{median}_{i \\,:\\, x_{ij} \\text{ arrived}} x_{ij}
+   \\quad \\text{when at least } 2f + 1 \\text{ values of coordinate } j \\text{ arrived}
 
 Why a median, and not the state recomputed by the server on its own data: the server holds no training data in
-general, and a median needs none. It is what a Byzantine worker cannot move far: with at most ``f < n / 2`` of the
-values of a coordinate from Byzantine workers, the median lies between two honest values (Yin et al., ICML 2018,
-coordinate-wise median). NaN or infinite values count as extremes (NaN as missing). A coordinate for which nothing
-arrived keeps the server's value.
+general, and a median needs none. It is what a Byzantine worker cannot move far: among ``2f + 1`` or more values of a
+coordinate, at most ``f`` from Byzantine workers, the median lies between two honest values (Yin et al., ICML 2018,
+coordinate-wise median). With fewer (gradients lost or late), the Byzantine values could be half of them, so the
+coordinate keeps the server's value for that step. Infinite values count as extremes, NaN as missing.
 
 Cost: ``s`` more float32 values per gradient and per parameter message (BatchNormalization: two per channel,
 e.g. 0.2 % of ResNet-50's parameters), one median over an ``(n, s)`` array per step, and, for models with a
@@ -28,7 +29,7 @@ from aggregathor.transport.base import GatherReport
 __all__ = ["aggregate_state"]
 
 
-def aggregate_state(rows: np.ndarray, report: GatherReport, d: int, current: np.ndarray) -> np.ndarray:
+def aggregate_state(rows: np.ndarray, report: GatherReport, d: int, current: np.ndarray, f: int) -> np.ndarray:
     """The new ``(s,)`` state: the coordinate-wise median of the workers' reported states that arrived.
 
     Parameters
@@ -41,12 +42,14 @@ def aggregate_state(rows: np.ndarray, report: GatherReport, d: int, current: np.
     d : int
         Gradient values per row (the state starts at column ``d``).
     current : ndarray, shape (s,)
-        The server's state, kept where no value arrived.
+        The server's state, kept where fewer than ``2f + 1`` values arrived.
+    f : int
+        The number of Byzantine workers tolerated.
 
     Examples
     --------
     >>> rows = np.array([[0., 1.], [0., 2.], [0., 1e30]], np.float32)
-    >>> aggregate_state(rows, GatherReport(np.ones(3)), 1, np.zeros(1, np.float32))
+    >>> aggregate_state(rows, GatherReport(np.ones(3)), 1, np.zeros(1, np.float32), f=1)
     array([2.], dtype=float32)
     """
     values = rows[:, d:].astype(np.float64)
@@ -58,7 +61,7 @@ def aggregate_state(rows: np.ndarray, report: GatherReport, d: int, current: np.
             values[i, ~report.masks[i + 1][d:]] = np.nan
     arrived = ~np.isnan(values)
     out = np.asarray(current, dtype=np.float32).copy()
-    some = arrived.any(axis=0)
+    some = arrived.sum(axis=0) >= 2 * f + 1
     if some.any():
         with np.errstate(all="ignore"):
             out[some] = np.nanmedian(values[:, some], axis=0).astype(np.float32)

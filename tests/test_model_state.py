@@ -27,13 +27,23 @@ def _report(n: int, delivered: list[float] | None = None, masks: dict | None = N
 def test_state_median_ignores_byzantine_and_lost_values() -> None:
     rows = np.array([[9, 1, 10], [9, 2, 20], [9, 3, 30], [9, -1e30, np.nan], [9, 5, 7]], np.float32)
     masks = {5: np.array([True, True, False])}  # worker 5's last value never arrived (it is a fill)
-    got = aggregate_state(rows, _report(5, [1, 1, 1, 1, 0.5], masks), 1, np.zeros(2, np.float32))
+    got = aggregate_state(rows, _report(5, [1, 1, 1, 1, 0.5], masks), 1, np.zeros(2, np.float32), f=1)
     np.testing.assert_array_equal(got, [2.0, 20.0])  # median of (1,2,3,-1e30,5); of (10,20,30): NaN is missing
+
+
+def test_state_is_kept_when_fewer_than_2f_plus_1_values_arrived() -> None:
+    """One honest and one Byzantine value (three rows lost): their median would be half Byzantine; keep the
+    server's value instead."""
+    rows = np.array([[0, 1.0], [0, -100.0], [0, 0], [0, 0], [0, 0]], np.float32)
+    got = aggregate_state(rows, _report(5, [1, 1, 0, 0, 0]), 1, np.array([0.9], np.float32), f=1)
+    np.testing.assert_array_equal(got, np.float32([0.9]))
+    got = aggregate_state(rows, _report(5, [1, 1, 1, 0, 0]), 1, np.array([0.9], np.float32), f=1)
+    np.testing.assert_array_equal(got, [0.0])  # three values arrived: median(1, -100, 0)
 
 
 def test_state_keeps_the_server_value_where_nothing_arrived() -> None:
     rows = np.full((3, 3), 7.0, np.float32)
-    got = aggregate_state(rows, _report(3, [0, 0, 0]), 1, np.array([1.5, 2.5], np.float32))
+    got = aggregate_state(rows, _report(3, [0, 0, 0]), 1, np.array([1.5, 2.5], np.float32), f=0)
     np.testing.assert_array_equal(got, [1.5, 2.5])
 
 
@@ -47,9 +57,12 @@ def test_state_stays_within_the_honest_values(n: int, s: int, seed: int, poison:
     f = (n - 1) // 2
     rows = rng.normal(size=(n, 1 + s)).astype(np.float32)
     rows[n - f:, 1:] = poison
-    got = aggregate_state(rows, _report(n), 1, np.zeros(s, np.float32))
+    got = aggregate_state(rows, _report(n), 1, np.zeros(s, np.float32), f=f)
     honest = rows[:n - f, 1:]
-    assert np.all(got >= honest.min(axis=0)) and np.all(got <= honest.max(axis=0))
+    if np.isnan(poison) and n - f < 2 * f + 1:  # NaN is missing: too few values arrived, the state is kept
+        np.testing.assert_array_equal(got, np.zeros(s, np.float32))
+    else:
+        assert np.all(got >= honest.min(axis=0)) and np.all(got <= honest.max(axis=0))
 
 
 def test_flat_view_carries_floating_state_only() -> None:

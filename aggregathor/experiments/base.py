@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from aggregathor._registry import Registry
+from aggregathor.tracing import per_object_function
 
 __all__ = [
     "DatasetUnavailable",
@@ -298,14 +299,13 @@ class Experiment:
             per_sample = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
             ref = weakref.ref(model)  # a strong reference here would keep the model (the cache's key) alive
 
-            @tf.function(reduce_retracing=True)
             def fn(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
                 logits = ref()(x, training=False)
                 loss = tf.reduce_sum(tf.cast(per_sample(y, logits), tf.float64))
                 pred = tf.argmax(logits, axis=-1, output_type=tf.int32)
                 return loss, tf.reduce_sum(tf.cast(tf.equal(pred, tf.cast(y, tf.int32)), tf.int64))
 
-            self._eval_fns[model] = fn
+            fn = self._eval_fns[model] = per_object_function(fn, reduce_retracing=True)
         return fn
 
     def evaluate(self, model: keras.Model, max_samples: int | None = None,

@@ -23,6 +23,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from aggregathor.tracing import per_object_function
+
 __all__ = ["FlatView", "flat_size", "flat_view", "get_flat", "gradient_fn", "set_flat"]
 
 _VIEWS: weakref.WeakKeyDictionary[Any, FlatView] = weakref.WeakKeyDictionary()
@@ -91,7 +93,6 @@ class FlatView:
         (and creates the optimizer's slots) without applying anything."""
         variables, shapes, sizes = self.variables, self.shapes, self.sizes
 
-        @tf.function(input_signature=[tf.TensorSpec([self.size], tf.float32)], autograph=False)
         def apply(grad: tf.Tensor) -> None:
             if not variables:
                 return
@@ -99,27 +100,26 @@ class FlatView:
             optimizer.apply_gradients(
                 [(tf.reshape(p, s), v) for p, s, v in zip(parts, shapes, variables, strict=True)])
 
-        return apply
+        return per_object_function(apply, input_signature=[tf.TensorSpec([self.size], tf.float32)], autograph=False)
 
 
 def _traced_pair(variables: list[Any], sizes: list[int]) -> tuple[Callable[[], tf.Tensor], Callable[[Any], None]]:
     """A traced ``get`` (one float32 concatenation) and ``set`` (one split, one assignment per variable)."""
     shapes = [tuple(int(s) for s in v.shape) for v in variables]
 
-    @tf.function(autograph=False)
     def get() -> tf.Tensor:
         if not variables:
             return tf.zeros([0], tf.float32)
         return tf.concat([tf.reshape(tf.cast(v.value, tf.float32), [-1]) for v in variables], axis=0)
 
-    @tf.function(input_signature=[tf.TensorSpec([sum(sizes)], tf.float32)], autograph=False)
     def set_(vec: tf.Tensor) -> None:
         if not variables:
             return
         for v, part, shape in zip(variables, tf.split(vec, sizes), shapes, strict=True):
             v.assign(tf.cast(tf.reshape(part, shape), v.dtype))
 
-    return get, set_
+    return (per_object_function(get, autograph=False),
+            per_object_function(set_, input_signature=[tf.TensorSpec([sum(sizes)], tf.float32)], autograph=False))
 
 
 def flat_view(model: keras.Model, *, refresh: bool = False) -> FlatView:
@@ -170,4 +170,4 @@ def gradient_fn(model: keras.Model, loss: Callable[[Any, Any], Any], *, training
                 for g, s in zip(grads, sizes, strict=True)]
         return (tf.concat(flat, axis=0) if flat else tf.zeros([0], tf.float32)), value
 
-    return tf.function(step, reduce_retracing=True, jit_compile=jit_compile)
+    return per_object_function(step, reduce_retracing=True, jit_compile=jit_compile)

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from aggregathor.experiments.base import Experiment, Seed, partition_labels, seeded
+from aggregathor.tracing import per_object_function
 
 __all__ = ["KerasExperiment"]
 
@@ -328,13 +329,12 @@ class KerasExperiment(Experiment):
             loss = self._loss
             ref = weakref.ref(model)  # a strong reference would keep the model (the cache's key) alive
 
-            @tf.function(reduce_retracing=True)
             def fn(x: Any, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
                 out = ref()(x, training=False)
                 values = tf.cast(loss.call(y, out), tf.float64)
                 return tf.reduce_mean(values) * tf.cast(tf.shape(y)[0], tf.float64), out
 
-            self._eval_fns[model] = fn
+            fn = self._eval_fns[model] = per_object_function(fn, reduce_retracing=True)
         return fn
 
     def evaluate(self, model: keras.Model, max_samples: int | None = None,

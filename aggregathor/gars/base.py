@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from aggregathor._registry import Registry
+from aggregathor.tracing import per_object_function
 
 __all__ = ["GAR", "register", "registry", "as_matrix"]
 
@@ -108,8 +109,8 @@ class GAR:
         fn = self._fns.get(key)
         if fn is None:
             spec = tf.TensorSpec([self.n, int(d)], tf.as_dtype(dtype))
-            fn = tf.function(self.aggregate, input_signature=[spec], jit_compile=self.jit_compile,
-                             reduce_retracing=True)
+            fn = per_object_function(self.aggregate, input_signature=[spec], jit_compile=self.jit_compile,
+                                     reduce_retracing=True)
             self._fns[key] = fn
         return fn
 

@@ -35,6 +35,7 @@ import tensorflow as tf
 from aggregathor._registry import Registry
 from aggregathor.gars import _distances
 from aggregathor.gars.base import GAR, registry
+from aggregathor.tracing import per_object_function
 
 __all__ = ["ARC", "NNM", "Bucketing", "Clipping", "Composed", "Wrapper", "compose", "names", "register_wrapper"]
 
@@ -102,7 +103,7 @@ class Wrapper:
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
         """``transform`` through its own ``tf.function`` (XLA-compiled when ``jit_compile``)."""
         if self._fn is None:
-            self._fn = tf.function(self.transform, jit_compile=self.jit_compile, autograph=False)
+            self._fn = per_object_function(self.transform, jit_compile=self.jit_compile, autograph=False)
         return self._fn(x)
 
     def _require(self, cond: bool, bound: str) -> None:
@@ -348,7 +349,7 @@ class Composed(GAR):
             return self.inner.function(int(x.shape[1]), x.dtype)(x)
         last = self.wrappers[-1]
         if self._fused_fn is None:
-            self._fused_fn = tf.function(
+            self._fused_fn = per_object_function(
                 lambda x, aux: self.inner.aggregate(last.apply_fused(x, aux)), jit_compile=True, autograph=False
             )
         return self._fused_fn(x, last.prepare(x))
