@@ -449,7 +449,9 @@ def test_lossympi_bootstrap_does_not_import_tensorflow() -> None:
 # ------------------------------------------------------------------------------------------------------
 
 
-def test_from_mpi_under_mpiexec(tmp_path: Path) -> None:
+@pytest.mark.parametrize("port_range", [None, "free"])
+def test_from_mpi_under_mpiexec(tmp_path: Path, port_range: str | None) -> None:
+    """With ``LOSSYMPI_PORT_RANGE`` every rank binds in the range (a firewall rule can name it)."""
     mpiexec = Path(sys.executable).parent / "mpiexec"
     if not mpiexec.exists():
         found = shutil.which("mpiexec")
@@ -463,6 +465,12 @@ def test_from_mpi_under_mpiexec(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOSSYMPI_", "PMI", "OMPI_"))}
     env.setdefault("HYDRA_LAUNCHER", "fork")
     size = 3
+    lo = None
+    if port_range is not None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            lo = min(probe.getsockname()[1], 65535 - 64)
+        env["LOSSYMPI_PORT_RANGE"] = f"{lo}-{lo + 63}"
     try:
         out = subprocess.run(
             [
@@ -496,3 +504,5 @@ def test_from_mpi_under_mpiexec(tmp_path: Path) -> None:
             if i != j:
                 assert reports[i]["keys"][str(j)] == reports[j]["keys"][str(i)]
     assert len({reports[i]["keys"][str(j)] for i in range(size) for j in range(size) if i != j}) == 3
+    if lo is not None:
+        assert all(lo <= port <= lo + 63 for _, port in reports[0]["addresses"]), reports[0]["addresses"]

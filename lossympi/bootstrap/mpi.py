@@ -13,8 +13,9 @@ from typing import Any
 
 from ..keys import KeyPair
 from .addresses import _check_unicast, _default_ip_towards, _resolve_ipv4, bind_udp_and_control
+from .env import _parse_port_range
 from .errors import RendezvousError
-from .variables import ENV_HOST
+from .variables import ENV_HOST, ENV_PORT_RANGE
 from .world import World, _check_table, _world_from_table
 
 __all__ = ["from_mpi"]
@@ -55,7 +56,8 @@ def from_mpi(comm: Any = None, host: str | None = None, port_range: tuple[int, i
         share one processor name (``MPI.Get_processor_name``), else the local address that routes to rank
         0's host (to another host for the ranks on rank 0's host).
     port_range : tuple[int, int], optional
-        Inclusive UDP port range to bind in (default: ephemeral port).
+        Inclusive UDP port range to bind in. Default: ``LOSSYMPI_PORT_RANGE`` (``first-last``) if set, else an
+        ephemeral port. Rank 0's TCP control listener takes the same port number.
 
     Returns
     -------
@@ -74,6 +76,8 @@ def from_mpi(comm: Any = None, host: str | None = None, port_range: tuple[int, i
     entry: tuple[bool, Any]
     try:
         chosen = host if host is not None else os.environ.get(ENV_HOST) or None
+        if port_range is None and os.environ.get(ENV_PORT_RANGE):
+            port_range = _parse_port_range(os.environ[ENV_PORT_RANGE])
         ip = _resolve_ipv4(chosen) if chosen is not None else _mpi_default_ip(rank, names)
         _check_unicast(ip, "host")
         sock, control = bind_udp_and_control(ip, port_range)
