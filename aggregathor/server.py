@@ -186,12 +186,13 @@ class ParameterServer:
         missing = len(transport.missing_workers())  # workers with no live link: their gradients are lost
         params_at = time.monotonic()
         self.view.get_message(self.theta)
-        await transport.send_params(self.theta, timeout=self.cfg.deadline)
+        sent = await transport.send_params(self.theta, timeout=self.cfg.deadline)
         deadline = self.deadline.next()
         gather_at = time.monotonic()
         report = await transport.gather(self.rows, gather_at + deadline)
         rec = StepRecord(k, start, params_at, gather_at, time.monotonic(), deadline, report.lost_chunks,
-                         report.chunks, missing_workers=missing)
+                         report.chunks, missing_workers=missing, params_chunks=sent.chunks,
+                         params_lost_chunks=sent.lost_chunks)
         self.deadline.observe_gather(report, self.cfg.workers, self.cfg.f)
         self.counters.add_missing(missing)
         rec.lost_gradients = self.counters.add_gather(report)

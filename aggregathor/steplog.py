@@ -81,6 +81,8 @@ class StepRecord:
     chunks: int = 0
     lost_gradients: int = 0
     missing_workers: int = 0
+    params_chunks: int = 0  # datagram chunks of the parameters sent this step (0: a reliable stream)
+    params_lost_chunks: int = 0  # of which the sender knows were dropped (the emulated --loss)
     update_skipped: bool = False
     events: dict[str, Any] = field(default_factory=dict)  # the step's protocol events (ProtocolEvents.observe)
 
@@ -92,4 +94,5 @@ class StepRecord:
                 "params_seconds": round(self.gather_at - self.params_at, 5),
                 "lost_chunks": int(self.lost_chunks), "chunks": int(self.chunks),
                 "lost_gradients": int(self.lost_gradients), "missing_workers": int(self.missing_workers),
+                "params_chunks": int(self.params_chunks), "params_lost_chunks": int(self.params_lost_chunks),
                 **({"update_skipped": True} if self.update_skipped else {}), **self.events}

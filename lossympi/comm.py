@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lossympi.control import TCPControl
-from lossympi.endpoint import Endpoint, RecvResult
+from lossympi.endpoint import Endpoint, RecvResult, SendResult
 from lossympi.fill import FillPolicy, check_policy
 from lossympi.wire import dtype_code
 
@@ -54,9 +54,13 @@ class CollectiveResult:
     contributions : ndarray or None
         Allreduce only: per element of this rank's reduced shard, how many ranks' values arrived
         (including its own).
+    sent : dict[int, SendResult]
+        Bcast's root, Scatter's root and Gather's senders: what this rank sent to each rank (datagrams, chunks,
+        and the chunks a fault injector dropped).
     """
 
     results: dict[int, RecvResult] = field(default_factory=dict)
+    sent: dict[int, SendResult] = field(default_factory=dict)
     elapsed: float = 0.0
     contributions: np.ndarray | None = None
 
@@ -149,12 +153,13 @@ class _Async:
         return dict(zip(futs, done, strict=True))
 
     async def _send_all(self, targets: Sequence[int], bufs: Sequence[np.ndarray], tag: int, tid: int,
-                        senders: int | None) -> None:
-        """Send ``bufs[i]`` to ``targets[i]``; ``senders`` > 0: each receiver is shared by that many."""
+                        senders: int | None) -> dict[int, SendResult]:
+        """Send ``bufs[i]`` to ``targets[i]``; ``senders`` > 0: each receiver is shared by that many. Returns what
+        was sent to each target."""
         ep = self.c.endpoint
         rate, burst = (None, None) if senders is None else self.c._incast(senders)
-        for dst, buf in zip(targets, bufs, strict=True):
-            await ep.send(dst, buf, tag=tag, tensor_id=tid, rate_bps=rate, burst_bytes=burst)
+        return {dst: await ep.send(dst, buf, tag=tag, tensor_id=tid, rate_bps=rate, burst_bytes=burst)
+                for dst, buf in zip(targets, bufs, strict=True)}
 
     def _others(self) -> list[int]:
         """Other ranks, starting after this one (so no rank is always served last)."""
@@ -185,7 +190,7 @@ class _Async:
             res.results = await self._gather_rows(recvbuf, [r for r in range(c.size) if r != root], tag, tid, end,
                                                   fill)
         else:
-            await self._send_all([root], [sendbuf], tag, tid, c.size - 1)
+            res.sent = await self._send_all([root], [sendbuf], tag, tid, c.size - 1)
         res.elapsed = time.monotonic() - t0
         return res
 
@@ -205,7 +210,7 @@ class _Async:
         res = CollectiveResult()
         if c.rank == root:
             others = self._others()
-            await self._send_all(others, [buf] * len(others), tag, tid, None)
+            res.sent = await self._send_all(others, [buf] * len(others), tag, tid, None)
         else:
             res.results = {root: await c.endpoint.irecv(root, buf, tag=tag, tensor_id=tid, deadline=end, fill=fill)}
         res.elapsed = time.monotonic() - t0
@@ -235,7 +240,7 @@ class _Async:
             assert sendbuf is not None
             recvbuf[...] = sendbuf[root]
             others = self._others()
-            await self._send_all(others, [sendbuf[r] for r in others], tag, tid, None)
+            res.sent = await self._send_all(others, [sendbuf[r] for r in others], tag, tid, None)
         else:
             res.results = {root: await c.endpoint.irecv(root, recvbuf, tag=tag, tensor_id=tid, deadline=end,
                                                         fill=fill)}

@@ -38,6 +38,7 @@ RUNS: dict[str, list[str]] = {
     "loss0": ["--loss", "0", "--deadline", "1.3"],
     "fill-nan": ["--loss", "0.05", "--fill", "nan"],
     "tcp": ["--transport", "tcp", "--loss", "0"],
+    "params-reliable": ["--loss", "0.05", "--params", "reliable"],
 }
 
 pytestmark = pytest.mark.timeout(900)
@@ -112,3 +113,15 @@ def test_transport_tcp_sends_one_frame_per_gradient(train: Any) -> None:
     assert run.summary["config"]["transport"] == "tcp"
     assert all(s["chunks"] == WORKERS for s in run.steps), run.steps[:3]
     assert run.datagram_loss() == 0.0 and run.summary["rejected_datagrams"] == 0
+
+
+def test_params_reliable_sends_no_parameter_datagrams_and_lossy_loses_them(train: Any) -> None:
+    """``--params lossy`` (default): the parameters travel as datagrams to every worker, and ``--loss`` drops
+    3-7% of them; ``--params reliable``: none travel as datagrams (the control stream carries them), while the
+    gradients still lose theirs."""
+    lossy, reliable = train("loss5"), train("params-reliable")
+    assert all(s["params_chunks"] == WORKERS * CHUNKS_PER_GRADIENT for s in lossy.steps), lossy.steps[0]
+    lost = sum(s["params_lost_chunks"] for s in lossy.steps) / sum(s["params_chunks"] for s in lossy.steps)
+    assert 0.03 <= lost <= 0.07, lost
+    assert all(s["params_chunks"] == 0 and s["params_lost_chunks"] == 0 for s in reliable.steps), reliable.steps[0]
+    assert 0.03 <= reliable.datagram_loss() <= 0.07

@@ -21,6 +21,7 @@ from aggregathor.transport.base import (
     Capability,
     FaultCounters,
     GatherReport,
+    ParamsReport,
     ProtocolEvents,
     ServerGone,
     ServerTransport,
@@ -33,5 +34,5 @@ from aggregathor.transport.factory import build_transport, lossympi_comm
 from aggregathor.transport.lossympi import LossympiServer, LossympiWorker
 
 __all__ = ["Capability", "FaultCounters", "GatherReport", "HUGE_NORM_FACTOR", "LossympiServer", "LossympiWorker",
-           "META_LIMIT", "ProtocolEvents", "ServerGone", "ServerTransport", "WorkerTransport",
+           "META_LIMIT", "ParamsReport", "ProtocolEvents", "ServerGone", "ServerTransport", "WorkerTransport",
            "build_transport", "decode_meta", "encode_meta", "lossympi_comm", "row_health"]

@@ -25,9 +25,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["Capability", "FaultCounters", "GatherReport", "HUGE_NORM_FACTOR", "META_LIMIT", "ProtocolEvents",
-           "ServerGone", "ServerTransport", "WorkerTransport", "decode_meta",
-           "encode_meta", "row_health"]
+__all__ = ["Capability", "FaultCounters", "GatherReport", "HUGE_NORM_FACTOR", "META_LIMIT", "ParamsReport",
+           "ProtocolEvents", "ServerGone", "ServerTransport", "WorkerTransport", "decode_meta", "encode_meta",
+           "row_health"]
 
 META_LIMIT = 4096
 #: A gradient row whose L2 norm exceeds this many times the step's median row norm is counted as ``huge``.
@@ -197,6 +197,19 @@ class FaultCounters:
     rendezvous_rejects: dict[str, int] = field(default_factory=dict)  # refused rendezvous connections by reason
 
 
+@dataclass
+class ParamsReport:
+    """What the server's parameter message cost on the wire in one step (:meth:`ServerTransport.send_params`).
+
+    ``chunks`` counts the datagram chunks sent to all workers (0 when the parameters went over a reliable stream:
+    ``--params reliable`` or a TCP/gRPC/MPI backend), ``lost_chunks`` those the sender knows were dropped (the
+    emulated ``--loss``; losses on the network are only seen by the workers, which keep their last values).
+    """
+
+    chunks: int = 0
+    lost_chunks: int = 0
+
+
 class ServerTransport(Protocol):
     """Rank 0's side of the step exchanges.
 
@@ -211,8 +224,8 @@ class ServerTransport(Protocol):
         """Send the step message (a JSON object of scalars) to every live worker, reliably."""
         ...
 
-    async def send_params(self, theta: np.ndarray, timeout: float) -> None:
-        """Send the flat float32 parameters to every worker."""
+    async def send_params(self, theta: np.ndarray, timeout: float) -> ParamsReport:
+        """Send the flat float32 parameters to every worker; what it cost on the wire."""
         ...
 
     async def gather(self, rows: np.ndarray, deadline: float) -> GatherReport:

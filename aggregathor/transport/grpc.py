@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from aggregathor.transport._shared import StarServer, StarWorker
+from aggregathor.transport.base import ParamsReport
 from lossympi.baselines.grpc import GrpcRoot, GrpcSender
 
 __all__ = ["GrpcServer", "GrpcWorker"]
@@ -26,10 +27,11 @@ class GrpcServer(StarServer):
     def __init__(self, world: Any, *, lost_row_fill: float = 0.0, **kwargs: Any) -> None:
         super().__init__(GrpcRoot(world, **kwargs), lost_row_fill=lost_row_fill)
 
-    async def send_params(self, theta: np.ndarray, timeout: float) -> None:
+    async def send_params(self, theta: np.ndarray, timeout: float) -> ParamsReport:
         """Publishes the parameters; every worker pulls every byte (``timeout`` is not used)."""
         self._round += 1
         await self.root.publish(theta, self._round)
+        return ParamsReport()  # a reliable stream: no datagrams
 
 
 class GrpcWorker(StarWorker):

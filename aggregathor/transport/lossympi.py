@@ -24,7 +24,15 @@ from typing import Any
 import numpy as np
 
 from aggregathor.transport._shared import NoHonestGradients
-from aggregathor.transport.base import Capability, FaultCounters, GatherReport, ServerGone, decode_meta, encode_meta
+from aggregathor.transport.base import (
+    Capability,
+    FaultCounters,
+    GatherReport,
+    ParamsReport,
+    ServerGone,
+    decode_meta,
+    encode_meta,
+)
 from lossympi.control import ControlClosed
 
 __all__ = ["CAPABILITIES", "PARAMS_TENSOR_ID", "GRADS_TENSOR_ID", "LossympiServer", "LossympiWorker"]
@@ -95,11 +103,13 @@ class LossympiServer(_Side):
             await ctl.flush()
             await ctl.aclose()
 
-    async def send_params(self, theta: np.ndarray, timeout: float) -> None:
+    async def send_params(self, theta: np.ndarray, timeout: float) -> ParamsReport:
         if self.params_mode == "reliable":
             await self.comm.control.announce(theta.tobytes())
-        else:
-            await self.comm.aio.Bcast(theta, 0, timeout=timeout, fill="last", tensor_id=PARAMS_TENSOR_ID)
+            return ParamsReport()
+        res = await self.comm.aio.Bcast(theta, 0, timeout=timeout, fill="last", tensor_id=PARAMS_TENSOR_ID)
+        return ParamsReport(sum(s.chunks for s in res.sent.values()),
+                            sum(int(s.injected_drops.sum()) for s in res.sent.values() if s.injected_drops is not None))
 
     async def gather(self, rows: np.ndarray, deadline: float) -> GatherReport:
         t0 = time.monotonic()

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from aggregathor.transport._shared import ReliableServer, ReliableWorker, report_of
-from aggregathor.transport.base import META_LIMIT, GatherReport, decode_meta, encode_meta
+from aggregathor.transport.base import META_LIMIT, GatherReport, ParamsReport, decode_meta, encode_meta
 from lossympi.baselines.mpi import MPIRoot, MPISender
 
 __all__ = ["MPIServer", "MPIWorker"]
@@ -29,8 +29,9 @@ class MPIServer(ReliableServer):
     async def announce(self, meta: dict[str, Any]) -> None:
         self.root.bcast_bytes(encode_meta(meta))
 
-    async def send_params(self, theta: np.ndarray, timeout: float) -> None:
+    async def send_params(self, theta: np.ndarray, timeout: float) -> ParamsReport:
         self.root.bcast(theta)
+        return ParamsReport()  # MPI's reliable broadcast: no datagrams
 
     async def gather(self, rows: np.ndarray, deadline: float) -> GatherReport:
         return report_of(self.root.gather(rows), rows, 0.0)  # nothing is ever lost

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from aggregathor.config import TrainConfig
-from aggregathor.transport.base import Capability, FaultCounters, GatherReport
+from aggregathor.transport.base import Capability, FaultCounters, GatherReport, ParamsReport
 
 __all__ = ["SimNetwork", "SimServer", "SimWorker"]
 
@@ -48,6 +48,7 @@ class SimNetwork:
         self.up = {r: FaultInjector(spec, seed=rank_seed(cfg.seed, r)) for r in range(1, self.n + 1)}
         self.messages: dict[int, asyncio.Queue[dict[str, Any]]] = {r: asyncio.Queue() for r in range(1, self.n + 1)}
         self.theta: np.ndarray | None = None
+        self.param_masks: dict[int, np.ndarray] = {}  # this step's parameter chunks that reach each worker
         self.theta_ready = asyncio.Event()
         self.rows: np.ndarray | None = None
         self.arrived: dict[int, tuple[float, int, int]] = {}  # rank -> (delivered fraction, lost chunks, chunks)
@@ -93,9 +94,15 @@ class SimServer:
         for q in self.net.messages.values():
             q.put_nowait(dict(meta))
 
-    async def send_params(self, theta: np.ndarray, timeout: float) -> None:
-        self.net.theta = theta.copy()
-        self.net.theta_ready.set()
+    async def send_params(self, theta: np.ndarray, timeout: float) -> ParamsReport:
+        net, report = self.net, ParamsReport()
+        net.theta = theta.copy()
+        for r in range(1, net.n + 1):  # the losses are drawn here, as lossympi's injector draws them at the send
+            net.param_masks[r], lost, count = net.element_mask(net.down, r, theta.size)
+            report.chunks += count
+            report.lost_chunks += lost
+        net.theta_ready.set()
+        return report
 
     async def gather(self, rows: np.ndarray, deadline: float) -> GatherReport:
         net = self.net
@@ -133,7 +140,7 @@ class SimWorker:
         net = self.net
         await net.theta_ready.wait()
         assert net.theta is not None
-        mask, _, _ = net.element_mask(net.down, self.rank, theta.size)
+        mask = net.param_masks[self.rank]
         theta[mask] = net.theta[mask]  # what is missing keeps its last value ("last" fill)
         return float(mask.mean()) if mask.size else 1.0
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from aggregathor.transport._shared import StarServer, StarWorker
+from aggregathor.transport.base import ParamsReport
 from lossympi.baselines.tcp import TCPRoot, TCPSender
 
 __all__ = ["TCPServer", "TCPWorker"]
@@ -27,10 +28,11 @@ class TCPServer(StarServer):
     def __init__(self, world: Any, *, lost_row_fill: float = 0.0, **kwargs: Any) -> None:
         super().__init__(TCPRoot(world, **kwargs), lost_row_fill=lost_row_fill)
 
-    async def send_params(self, theta: np.ndarray, timeout: float) -> None:
+    async def send_params(self, theta: np.ndarray, timeout: float) -> ParamsReport:
         """Reliable: every worker gets every byte (``timeout`` is not used; ``stall_timeout`` bounds a stall)."""
         self._round += 1
         await self.root.bcast(theta, self._round)
+        return ParamsReport()  # a reliable stream: no datagrams
 
 
 class TCPWorker(StarWorker):
