@@ -101,10 +101,13 @@ def test_a_step_record_is_the_documented_row():
     from aggregathor.steplog import StepRecord
 
     rec = StepRecord(7, start=10.0, params_at=10.001, gather_at=10.003, gathered_at=10.05, deadline=0.123456789,
-                     lost_chunks=2, chunks=40, lost_gradients=1, missing_workers=1, events={"nonfinite": [3]})
+                     lost_chunks=2, chunks=40, lost_gradients=1, missing_workers=1, params_chunks=40,
+                     params_lost_chunks=3, events={"nonfinite": [3]})
     row = rec.row(end=10.06, t0=9.0)
     assert list(row) == ["step", "wall", "seconds", "deadline", "gather_seconds", "control_seconds", "params_seconds",
-                         "lost_chunks", "chunks", "lost_gradients", "missing_workers", "nonfinite"]
+                         "lost_chunks", "chunks", "lost_gradients", "missing_workers", "params_chunks",
+                         "params_lost_chunks", "nonfinite"]
+    assert (row["params_chunks"], row["params_lost_chunks"]) == (40, 3)
     assert row["wall"] == 1.06 and row["seconds"] == 0.06 and row["deadline"] == 0.12346
     assert (row["control_seconds"], row["params_seconds"], row["gather_seconds"]) == (0.001, 0.002, 0.047)
     rec.update_skipped = True
