@@ -157,7 +157,7 @@ class _Async:
         """Send ``bufs[i]`` to ``targets[i]``; ``senders`` > 0: each receiver is shared by that many. Returns what
         was sent to each target."""
         ep = self.c.endpoint
-        rate, burst = (None, None) if senders is None else self.c._incast(senders)
+        rate, burst = (None, None) if senders is None else self.c.incast(senders)
         return {dst: await ep.send(dst, buf, tag=tag, tensor_id=tid, rate_bps=rate, burst_bytes=burst)
                 for dst, buf in zip(targets, bufs, strict=True)}
 
@@ -441,7 +441,7 @@ class Comm:
             raise ValueError(f"tensor_id {tensor_id} must be in [0, 2**31)")
         return COLLECTIVE_TENSOR_IDS + tensor_id
 
-    def _incast(self, senders: int) -> tuple[float, int]:
+    def incast(self, senders: int) -> tuple[float, int]:
         """Rate and burst of one of ``senders`` ranks sending to the same receiver at the same time.
 
         The rates add up to ``ingest_bps``; the bursts add up to a quarter of the receive buffer (peers are

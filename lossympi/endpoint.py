@@ -695,6 +695,11 @@ class Endpoint:
         """
         return self.counters().rejected_by_sender()
 
+    @property
+    def accepted(self) -> int:
+        """Datagrams accepted so far (authentic, valid, new): a cheap progress reading while a receive runs."""
+        return int(self.core.accepted)
+
     def counters(self) -> EndpointCounters:
         """A snapshot of the per-peer protocol counters since creation; subtract an earlier one for a window.
 

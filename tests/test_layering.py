@@ -130,3 +130,31 @@ def test_import_linter_contracts_kept() -> None:
     done = subprocess.run([exe, "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "3 kept, 0 broken" in done.stdout, done.stdout[-2000:]
+
+
+def foreign_private_attributes(source: str, package: str = "aggregathor") -> list[str]:
+    """``obj._name`` reads of another object's private state (``comm._incast``, ``ep._x`` ...): on anything but
+    ``self``, ``cls``, the classes the module defines and the names it imports from its own ``package``."""
+    tree = ast.parse(source)
+    own = {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)} | {"self", "cls"}
+    own |= {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+            and (n.level or (n.module or "").startswith(package)) for a in n.names}
+    return [ast.unparse(n) for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")
+            and not (isinstance(n.value, ast.Name) and n.value.id in own)]
+
+
+def test_no_foreign_private_attributes_in_aggregathor_tools_and_benchmarks() -> None:
+    files = [*(ROOT / "aggregathor").rglob("*.py"), *(ROOT / "tools").glob("*.py"),
+             *(ROOT / "lossympi" / "bench").glob("*.py")]
+    found = {str(p.relative_to(ROOT)): bad for p in files
+             if (bad := foreign_private_attributes(p.read_text(), "lossympi.bench" if "bench" in p.parts
+                                                   and "lossympi" in p.parts else "aggregathor"))}
+    assert found == {}, found
+
+
+def test_foreign_private_attribute_scan_flags_what_it_names() -> None:
+    assert foreign_private_attributes("comm._incast(3)") == ["comm._incast"]
+    assert foreign_private_attributes("class A:\n    _n = 1\nA._n\nself._x") == []
+    assert foreign_private_attributes("from aggregathor.x import _K\n_K._d") == []
+    assert foreign_private_attributes("from lossympi.comm import Comm\nComm._seq") == ["Comm._seq"]

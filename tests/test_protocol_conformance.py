@@ -308,5 +308,5 @@ def test_8_the_default_burst_is_what_the_documents_say():
         assert ep.burst_bytes == max(64 << 10, ep.rcvbuf // divisor)
         comm = Comm(ep, SimpleNamespace(rank=ep.rank, size=ep.size))  # the control channel is not used here
         for k in (1, 3, 16):
-            rate, burst = comm._incast(k)  # what every many-to-one collective passes to Endpoint.send
+            rate, burst = comm.incast(k)  # what every many-to-one collective passes to Endpoint.send
             assert rate == comm.ingest_bps / k and burst == max(16 << 10, ep.rcvbuf // (int(m3.group(1)) * k))

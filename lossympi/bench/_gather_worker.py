@@ -281,21 +281,20 @@ async def _lossympi_root(args: argparse.Namespace, comm: Any, row: np.ndarray) -
     orch.send({"op": "hello", "transport": "lossympi", "ingest_bps": comm.ingest_bps, "gso": ep.gso,
                "gro": ep.gro, "auth": ep.auth, "rcvbuf": ep.rcvbuf, "sndbuf": ep.sndbuf,
                "datagram_bytes": ep.datagram_bytes, "stride": ep.stride,
-               "incast": dict(zip(("rate_bps", "burst_bytes"), comm._incast(comm.size - 1), strict=True))})
+               "incast": dict(zip(("rate_bps", "burst_bytes"), comm.incast(comm.size - 1), strict=True))})
 
     async def gather_once(cmd: dict[str, Any], go: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
         before = ep.stats()
-        core = ep.core
         t0 = time.monotonic()
         orch.send({"op": "started"})
         task = asyncio.ensure_future(comm.aio.Gather(row, rows, 0, deadline=t0 + float(cmd["deadline"]),
                                                      fill="zero"))
         await asyncio.sleep(0)  # the receives are posted
         await go()
-        last_t, last_n = t0, core.accepted
+        last_t, last_n = t0, ep.accepted
         while not task.done():
             await asyncio.wait({task}, timeout=_POLL_S)
-            k = core.accepted
+            k = ep.accepted
             if k != last_n:
                 last_t, last_n = time.monotonic(), k
         res = task.result()

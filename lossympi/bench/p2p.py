@@ -162,11 +162,10 @@ class _Worker:
             t0 = time.monotonic()
             fut = ep.irecv(1, out, timeout=timeout)
             self.go.send(t0)
-            core = ep.core
-            last_t, last_n = t0, core.accepted
+            last_t, last_n = t0, ep.accepted
             while not fut.done():
                 await asyncio.wait({fut}, timeout=_POLL_S)
-                n = core.accepted
+                n = ep.accepted
                 if n != last_n:
                     last_t, last_n = time.monotonic(), n
             return fut.result(), t0, last_t
