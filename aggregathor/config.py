@@ -162,7 +162,9 @@ class TrainConfig:
             raise ConfigError(f"--experiment: {exc}" if not str(exc).startswith("--") else str(exc)) from exc
         if self.byzantine:
             try:
-                attacks.get(self.attack, **self.attack_options)
+                attack = attacks.get(self.attack, **self.attack_options)
+                if getattr(attack, "space", "gradient") == "data":
+                    attack.check_experiment(experiments.get(self.experiment))
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"--attack: {exc}" if not str(exc).startswith("--") else str(exc)) from exc
         try:  # the ranks of a local run get the config as JSON

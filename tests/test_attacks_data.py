@@ -38,3 +38,30 @@ def test_data_attack_runs_in_training_and_the_robust_rule_still_learns(tmp_path,
     cfg = TrainConfig.from_dict(dict(launcher="simulate", gar="median", workers=5, f=1, byzantine=1, attack=attack,
                                      steps=80, eval_every=80, loss=0.0, run_dir=str(tmp_path / "run"), seed=3))
     assert launch(cfg, progress=False).accuracy > 0.8
+
+
+def test_data_attacks_fit_the_experiment_or_refuse_it_in_one_line() -> None:
+    """label-flip needs class labels (a regression experiment is refused before any process starts);
+    data-poison scales every float array of a dict input and leaves integer ones alone."""
+    import sys
+    import types
+
+    import keras
+
+    import aggregathor
+    from aggregathor.attacks import get
+    from aggregathor.config import ConfigError, TrainConfig
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 3)).astype("float32")
+    exp = aggregathor.KerasExperiment(lambda: keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)]),
+                                      train=(x, x.sum(1)), test=(x, x.sum(1)), loss="mse", name="reg")
+    sys.modules["_test_regression_module"] = module = types.ModuleType("_test_regression_module")
+    module.experiment = exp
+    cfg = TrainConfig(experiment="_test_regression_module:experiment", attack="label-flip", gar="median",
+                      workers=3, f=1, byzantine=1)
+    with pytest.raises(ConfigError, match="label-flip flips class labels, but experiment 'reg' is a regression"):
+        cfg.validate()
+    poisoned, _ = get("data-poison").poison({"a": x[:2], "ids": np.arange(2)}, np.zeros(2), rng)
+    np.testing.assert_array_equal(poisoned["a"], x[:2] * -1e4)
+    np.testing.assert_array_equal(poisoned["ids"], np.arange(2))

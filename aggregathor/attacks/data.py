@@ -2,7 +2,7 @@
 
 Unlike the gradient-space attacks, these need no view of the honest gradients: the worker transforms its
 own mini-batch with :meth:`DataAttack.poison` and then runs the normal gradient computation. The worker
-loop (:func:`aggregathor.runtime.run_worker`) recognises them by ``space == "data"``.
+loop (:meth:`aggregathor.worker.Worker.gradient`) recognises them by ``space == "data"``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ class DataAttack(Attack):
     def poison(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """The poisoned copy of a mini-batch ``(x, y)``."""
         raise NotImplementedError
+
+    def check_experiment(self, experiment: Any) -> None:
+        """Raise ValueError (one line, with the fix) when this attack cannot poison ``experiment``'s data."""
 
     def forge(self, honest: np.ndarray, f: int, rng: np.random.Generator) -> np.ndarray:
         raise TypeError(f"{self.name} is a data-space attack: poison the batch with .poison(x, y, rng) and "
@@ -48,6 +51,11 @@ class LabelFlip(DataAttack):
 
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "classes": self.classes}
+
+    def check_experiment(self, experiment: Any) -> None:
+        if getattr(experiment, "task", "classification") != "classification":
+            raise ValueError(f"{self.name} flips class labels, but experiment {experiment.name!r} is a "
+                             f"{experiment.task} task: use a gradient attack (e.g. --attack reverse) or data-poison")
 
     def poison(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         y = np.asarray(y)
@@ -74,5 +82,9 @@ class DataPoisoning(DataAttack):
         return {"name": self.name, "scale": self.scale}
 
     def poison(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        x = np.asarray(x)
-        return (x * -self.scale).astype(x.dtype, copy=False), rng.permutation(np.asarray(y))
+        def scaled(a: Any) -> np.ndarray:
+            a = np.asarray(a)
+            return (a * -self.scale).astype(a.dtype, copy=False) if a.dtype.kind == "f" else a
+
+        x = {k: scaled(v) for k, v in x.items()} if isinstance(x, dict) else scaled(x)  # dict inputs: each array
+        return x, rng.permutation(np.asarray(y))
