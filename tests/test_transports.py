@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,13 @@ from conftest import run, wait_until
 
 from aggregathor.config import TrainConfig
 from aggregathor.transport import Capability, LossympiServer, LossympiWorker, build_transport
+from aggregathor.transport.base import ParamsReport
 from aggregathor.transport.factory import CONTROL_MAX_BYTES
 from aggregathor.transport.grpc import GrpcServer, GrpcWorker
 from aggregathor.transport.tcp import TCPServer, TCPWorker
 from lossympi.baselines import HEADER, KIND_GRAD, MAGIC, BaselineError
-from lossympi.baselines.grpc import PUSH, SERVICE
+from lossympi.baselines.frames import bytes_of
+from lossympi.baselines.grpc import MIN_CHUNK, SERVICE
 from lossympi.bootstrap import local_worlds
 from lossympi.faults import FaultInjector, rank_seed
 
@@ -67,7 +70,7 @@ class Ranks:
         theta = _random_bits(seed)
         got = await asyncio.gather(self.server.send_params(theta, 5.0),
                                    *(self.ts[r].recv_params(self.thetas[r - 1], 5.0) for r in workers))
-        assert got == [None] + [1.0] * len(workers)
+        assert got == [ParamsReport()] + [1.0] * len(workers)  # a reliable stream: no parameter datagrams
         for r in workers:
             assert _same_bits(self.thetas[r - 1], theta), f"rank {r} got other parameters"
         self.round += 1
@@ -181,47 +184,57 @@ def test_tcp_exchanges_are_exact_and_survive_late_malformed_and_rogue_traffic():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_grpc_exchanges_are_exact_and_refuse_rogue_and_malformed_calls():
+def _grpc_rogue(grpc: Any, ranks: Ranks) -> tuple[Any, list[Any]]:
+    """A client of rank 0's gRPC server that holds no key, and the status codes (or replies) of its calls."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{ranks.server.root.port}", options=[("grpc.enable_http_proxy", 0)])
+    push = channel.stream_unary(f"/{SERVICE}/Push")
+    params = channel.unary_stream(f"/{SERVICE}/Params")
+    codes: list[Any] = []
+
+    def call(request: Any) -> None:
+        """A Push (an iterator of messages) or a Params request (bytes)."""
+        try:
+            codes.append(push(request, timeout=10) if not isinstance(request, bytes) else
+                         list(params(request, timeout=10)))
+        except grpc.RpcError as exc:
+            codes.append(exc.code())
+
+    return channel, [call, codes]
+
+
+def test_grpc_exchanges_are_exact_and_refuse_rogue_malformed_late_and_tampered_streams():
     grpc = pytest.importorskip("grpc", reason="grpcio is not installed")
 
     async def body(ranks: Ranks) -> None:
-        ts = [ranks.server, *ranks.workers]
-        await asyncio.gather(ranks.server.root.connect(), *(t.sender.connect() for t in ts[1:]))
+        ts, root = [ranks.server, *ranks.workers], ranks.server.root
+        root.chunk_bytes = MIN_CHUNK  # D floats: parameters and gradients in 5 chunks
+        for t in ts[1:]:
+            t.sender.chunk_bytes = MIN_CHUNK
+        await asyncio.gather(root.connect(), *(t.sender.connect() for t in ts[1:]))
         report, _ = await ranks.step(0)
         assert report.delivered.tolist() == [1.0, 1.0, 1.0] and report.rejected == 0
-
-        channel = grpc.insecure_channel(f"127.0.0.1:{ranks.server.root.port}",
-                                        options=[("grpc.enable_http_proxy", 0)])
-        push = channel.unary_unary(f"/{SERVICE}/Push")
-        params = channel.unary_unary(f"/{SERVICE}/Params")
-        codes: list[Any] = []
-
-        def call(rpc: Any, request: bytes, md: tuple) -> None:
-            try:
-                rpc(request, metadata=md, timeout=10)
-                codes.append(None)
-            except grpc.RpcError as exc:
-                codes.append(exc.code())
+        channel, (call, codes) = _grpc_rogue(grpc, ranks)
 
         async def rogue() -> None:
-            rnd = ranks.round
-            good = HEADER.pack(MAGIC, KIND_GRAD, 1, 0, rnd, D * 4) + _random_bits(5).tobytes()
-            # no key: a forged MAC for rank 2
-            await asyncio.to_thread(call, push, good, (("lm-rank", "2"), ("lm-mac", os.urandom(32).hex())))
-            await asyncio.to_thread(call, params, rnd.to_bytes(8, "little"),
-                                    (("lm-rank", "1"), ("lm-mac", os.urandom(32).hex())))
-            # rank 2's key (the rogue holds it) but a gradient one element short (and a header that lies about it)
-            short = HEADER.pack(MAGIC, KIND_GRAD, 1, 0, rnd, D * 4) + bytes((D - 1) * 4)
-            await asyncio.to_thread(call, push, short, ts[2].sender.metadata(PUSH, short))
-            # and a header that is not one
-            junk = b"GET / HTTP/1.1\r\n\r\n" + bytes(64)
-            await asyncio.to_thread(call, push, junk, ts[2].sender.metadata(PUSH, junk))
+            good = list(ts[2].sender.push_messages(_random_bits(5), ranks.round))  # rank 2's key: the rogue has it
+            assert len(good) == 6
+            tampered = bytearray(good[3])
+            tampered[-1] ^= 1
+            for request in (
+                iter([good[0][:-32] + os.urandom(32), *good[1:]]),  # a forged MAC on the opening
+                ts[1].sender.params_request(ranks.round)[:-32] + os.urandom(32),  # a forged Params request
+                iter(good[:-1]),  # one chunk short
+                iter([good[0], good[2], good[1], *good[3:]]),  # chunks out of order
+                iter([*good[:3], bytes(tampered), *good[4:]]),  # one bit of a chunk flipped
+                iter([b"GET / HTTP/1.1\r\n\r\n" + bytes(64)]),  # not an opening
+                ts[2].sender.push_messages(_random_bits(5, D - 1), ranks.round),  # authentic, one element short
+            ):
+                await asyncio.to_thread(call, request)
 
-        report, _ = await ranks.step(1, extra=rogue)
+        report, _ = await ranks.step(1, extra=rogue)  # then the real rank 2 pushes: its row is whole
         unauth, invalid = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT
-        assert codes == [unauth, unauth, invalid, invalid]
-        assert report.delivered.tolist() == [1.0, 1.0, 1.0] and report.rejected == 4
-        channel.close()
+        assert codes == [unauth, unauth, invalid, invalid, invalid, invalid, invalid]
+        assert report.delivered.tolist() == [1.0, 1.0, 1.0] and report.rejected == 7
 
         # round 2: rank 3 misses the deadline; its late push changes nothing
         report, _ = await ranks.step(2, senders=(1, 2), deadline=0.3)
@@ -229,9 +242,77 @@ def test_grpc_exchanges_are_exact_and_refuse_rogue_and_malformed_calls():
         assert np.isnan(ranks.rows[3]).all()
         await ts[3].send_grad(_random_bits(999), time.monotonic() + 1)
         assert np.isnan(ranks.rows[3]).all()
-        report, _ = await ranks.step(3)
+
+        # round 3: rank 2's only push has a bad chunk: the whole gradient is refused, its row is the lost fill
+        async def bad_chunk() -> None:
+            msgs = list(ts[2].sender.push_messages(_random_bits(6), ranks.round))
+            await asyncio.to_thread(call, iter([*msgs[:4], msgs[4][:-1] + bytes([msgs[4][-1] ^ 1]), *msgs[5:]]))
+
+        report, _ = await ranks.step(3, senders=(1, 3), deadline=0.5, extra=bad_chunk)
+        assert report.delivered.tolist() == [1.0, 0.0, 1.0] and report.rejected == 1 and codes[-1] == invalid
+        assert np.isnan(ranks.rows[2]).all()
+
+        # round 4: a replay of rank 3's stream of round 3 arrives during the gather of round 4: late, not landed
+        async def replay() -> None:
+            await asyncio.to_thread(call, ts[3].sender.push_messages(_random_bits(31), ranks.round - 1))
+
+        report, _ = await ranks.step(4, extra=replay)
+        assert codes[-1] == b"late" and report.delivered.tolist() == [1.0, 1.0, 1.0] and report.rejected == 0
+        await _grpc_deadline_mid_stream(ranks, call, codes)
+        report, _ = await ranks.step(6)
         assert report.delivered.tolist() == [1.0, 1.0, 1.0] and report.rejected == 0
+        channel.close()
         await ranks.stop()
+
+    _with_ranks(GrpcServer, GrpcWorker, body)
+
+
+async def _grpc_deadline_mid_stream(ranks: Ranks, call: Any, codes: list[Any]) -> None:
+    """Round 5: rank 3's push stalls after 2 of its 5 chunks landed; the deadline passes; the rest of the stream
+    arrives after the gather returned and never lands in the row."""
+    gate = threading.Event()
+    grad = _random_bits(55)
+    half = 2 * MIN_CHUNK // 4
+
+    def stalled() -> Any:
+        for i, msg in enumerate(ranks.ts[3].sender.push_messages(grad, ranks.round)):
+            if i == 3:
+                gate.wait(20)
+            yield msg
+
+    pending: list[Any] = []
+
+    async def stall() -> None:
+        pending.append(asyncio.ensure_future(asyncio.to_thread(call, stalled())))
+        await wait_until(lambda: _same_bits(ranks.rows[3][:half], grad[:half]), 10, "two chunks of rank 3")
+
+    report, _ = await ranks.step(5, senders=(1, 2), deadline=1.0, extra=stall)
+    assert report.delivered.tolist() == [1.0, 1.0, 0.0] and np.isnan(ranks.rows[3]).all()
+    gate.set()
+    await pending[0]
+    assert codes[-1] == b"late" and np.isnan(ranks.rows[3]).all()
+
+
+def test_grpc_workers_check_every_chunk_of_the_parameters():
+    pytest.importorskip("grpc", reason="grpcio is not installed")
+
+    async def body(ranks: Ranks) -> None:
+        ts, root = [ranks.server, *ranks.workers], ranks.server.root
+        root.chunk_bytes = MIN_CHUNK
+        await asyncio.gather(root.connect(), *(t.sender.connect() for t in ts[1:]))
+        theta = _random_bits(77)
+        await root.publish(theta, 0)
+        sender = ts[1].sender
+        good = list(root._serve_params(sender.params_request(0), None))  # what rank 1's Params call receives
+        assert len(good) == 6
+        got = np.zeros(D, np.float32)
+        sender._read_params(iter(good), bytes_of(got), got.dtype, 0)
+        assert _same_bits(got, theta)
+        tampered = [*good[:2], good[2][:-1] + bytes([good[2][-1] ^ 1]), *good[3:]]
+        for msgs, what in ((tampered, "chunk 1 of"), (good[:-1], "chunk 4 of"), ([good[0], *good[2:]], "chunk 0 of"),
+                           (list(root._serve_params(ts[2].sender.params_request(0), None)), "authentication")):
+            with pytest.raises(BaselineError, match=what):
+                sender._read_params(iter(msgs), bytes_of(np.zeros(D, np.float32)), got.dtype, 0)
 
     _with_ranks(GrpcServer, GrpcWorker, body)
 

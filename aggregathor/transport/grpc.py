@@ -1,8 +1,9 @@
-"""``--transport grpc``: ``grpcio``, a server on rank 0 with two unary RPCs of raw bytes
+"""``--transport grpc``: ``grpcio``, a server on rank 0 with two streaming RPCs of raw bytes
 (:mod:`lossympi.baselines.grpc`, the code that ``python -m lossympi.bench gather`` measures).
 
-Workers pull the parameters and push their gradients; every call is authenticated under the pair key. Step
-messages go over the baseline's authenticated control star, as for ``tcp``.
+Workers pull the parameters (a stream of replies) and push their gradients (a stream of requests), in chunks of
+1 MiB; every message is authenticated under a key derived from the pair key. Step messages go over the
+baseline's authenticated control star, as for ``tcp``.
 """
 
 from __future__ import annotations
