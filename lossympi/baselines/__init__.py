@@ -7,8 +7,9 @@ deadline) and a sender end:
 
 - :mod:`lossympi.baselines.tcp` (:class:`TCPRoot`, :class:`TCPSender`): a star of authenticated TCP data
   connections, length-prefixed frames;
-- :mod:`lossympi.baselines.grpc` (:class:`GrpcRoot`, :class:`GrpcSender`): two unary RPCs of raw bytes, every
-  call authenticated; needs ``grpcio``;
+- :mod:`lossympi.baselines.grpc` (:class:`GrpcRoot`, :class:`GrpcSender`): a client-streamed push and a
+  server-streamed pull of raw 1 MiB chunks, each stream opened under HMAC-SHA256 and each chunk tagged
+  (Poly1305); needs ``grpcio``;
 - :mod:`lossympi.baselines.mpi` (:class:`MPIRoot`, :class:`MPISender`): blocking ``mpi4py`` collectives, no
   deadline; needs ``mpi4py`` and ``mpiexec``.
 

@@ -13,9 +13,9 @@ does not. The same gather of ``n`` rows of ``d`` float32 into an ``(n + 1, d)`` 
   by Hydra in MPMD mode, one per namespace (``mpiexec -launcher fork -n 1 ip netns exec H0 python ... : -n 1 ip
   netns exec H1 python ...``), with the libfabric TCP provider on ``eth0`` and shared memory disabled
   (:data:`MPI_ENV`);
-- **grpc**: :mod:`lossympi.baselines.grpc`: each sender pushes its row in one authenticated unary call (raw bytes,
-  a frame header, an HMAC under its key) to a ``grpcio`` server on the root, which checks it and copies it into
-  the row;
+- **grpc**: :mod:`lossympi.baselines.grpc`: each sender client-streams its row in 1 MiB chunks (raw bytes; the
+  stream opens with a frame header under an HMAC, each chunk carries a Poly1305 tag) to a ``grpcio`` server on
+  the root, which checks each chunk and copies it into the row;
 - **tcp**: :mod:`lossympi.baselines.tcp`: each sender ``sendall``\\ s a frame (header and row) on its authenticated
   connection; the root's event loop ``recv_into``\\ s the preallocated rows once the header is checked.
 
