@@ -239,7 +239,19 @@ class _Window:
     busy: set[int] = field(default_factory=set)  # ranks whose gradient is arriving
 
 
-class GrpcRoot(Star):
+class _GrpcStar(Star):
+    """What both ends share: the control star under :data:`LABEL`'s data keys, the message and chunk sizes."""
+
+    def __init__(self, world: Any, *, control_timeout: float, stall_timeout: float, max_message_bytes: int,
+                 chunk_bytes: int) -> None:
+        super().__init__(world, LABEL, control_timeout=control_timeout, stall_timeout=stall_timeout)
+        _check_sizes(chunk_bytes, max_message_bytes)
+        self.max_message_bytes = int(max_message_bytes)
+        self.chunk_bytes = int(chunk_bytes)
+        self.port: int | None = None
+
+
+class GrpcRoot(_GrpcStar):
     """Rank 0's end: the gRPC server of ``Params`` and ``Push``.
 
     Parameters are those of :class:`~lossympi.baselines.star.Star`, plus ``max_message_bytes``: the largest
@@ -249,11 +261,8 @@ class GrpcRoot(Star):
 
     def __init__(self, world: Any, *, control_timeout: float = 120.0, stall_timeout: float = 60.0,
                  max_message_bytes: int = 4 << 20, chunk_bytes: int = 1 << 20) -> None:
-        super().__init__(world, LABEL, control_timeout=control_timeout, stall_timeout=stall_timeout)
-        _check_sizes(chunk_bytes, max_message_bytes)
-        self.max_message_bytes = int(max_message_bytes)
-        self.chunk_bytes = int(chunk_bytes)
-        self.port: int | None = None
+        super().__init__(world, control_timeout=control_timeout, stall_timeout=stall_timeout,
+                         max_message_bytes=max_message_bytes, chunk_bytes=chunk_bytes)
         self.rejected = 0  # calls refused (authentication, size, dtype, round, a bad chunk), all rounds
         # shared with the gRPC handler threads, under _cond
         self._cond = threading.Condition()
@@ -465,7 +474,7 @@ class GrpcRoot(Star):
 
 
 # ---------------------------------------------------------------------------------------------------- senders
-class GrpcSender(Star):
+class GrpcSender(_GrpcStar):
     """A sender's end: a channel to rank 0's server; pulls the parameters, pushes its gradients.
 
     Parameters are those of :class:`~lossympi.baselines.star.Star`, plus ``max_message_bytes`` (the largest
@@ -474,11 +483,8 @@ class GrpcSender(Star):
 
     def __init__(self, world: Any, *, control_timeout: float = 120.0, stall_timeout: float = 60.0,
                  max_message_bytes: int = 4 << 20, chunk_bytes: int = 1 << 20) -> None:
-        super().__init__(world, LABEL, control_timeout=control_timeout, stall_timeout=stall_timeout)
-        _check_sizes(chunk_bytes, max_message_bytes)
-        self.max_message_bytes = int(max_message_bytes)
-        self.chunk_bytes = int(chunk_bytes)
-        self.port: int | None = None
+        super().__init__(world, control_timeout=control_timeout, stall_timeout=stall_timeout,
+                         max_message_bytes=max_message_bytes, chunk_bytes=chunk_bytes)
         self._channel: Any = None
         self._params_rpc: Any = None
         self._push_rpc: Any = None
