@@ -157,14 +157,14 @@ class TrainConfig:
         need(isinstance(self.experiment, str), "--experiment must be a name or a module:attr reference, got "
              f"{type(self.experiment).__name__} (aggregathor.train() takes the object itself)")
         try:  # a name, an entry point or a module:attr reference to user code (resolved here, on this rank)
-            experiments.get(self.experiment)
+            experiment = experiments.get(self.experiment)
         except ValueError as exc:
             raise ConfigError(f"--experiment: {exc}" if not str(exc).startswith("--") else str(exc)) from exc
         if self.byzantine:
             try:
                 attack = attacks.get(self.attack, **self.attack_options)
                 if getattr(attack, "space", "gradient") == "data":
-                    attack.check_experiment(experiments.get(self.experiment))
+                    attack.check_experiment(experiment)
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"--attack: {exc}" if not str(exc).startswith("--") else str(exc)) from exc
         try:  # the ranks of a local run get the config as JSON

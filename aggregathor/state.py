@@ -52,8 +52,7 @@ def aggregate_state(rows: np.ndarray, report: GatherReport, d: int, current: np.
     >>> aggregate_state(rows, GatherReport(np.ones(3)), 1, np.zeros(1, np.float32), f=1)
     array([2.], dtype=float32)
     """
-    values = rows[:, d:].astype(np.float64)
-    values[~np.isfinite(values) & ~np.isinf(values)] = np.nan  # NaN: missing; +-inf: an extreme value
+    values = rows[:, d:].astype(np.float64)  # a NaN counts as missing, +-inf as an extreme value
     for i, got in enumerate(np.asarray(report.delivered, dtype=np.float64)):
         if got <= 0.0:
             values[i] = np.nan
