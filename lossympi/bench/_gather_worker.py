@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from lossympi.bench.common import last_arrival
+
 TRANSPORTS = ("lossympi", "grpc", "mpi", "tcp")
 _CONNECT_TIMEOUT_S = 120.0
 _POLL_S = 0.002
@@ -291,12 +293,7 @@ async def _lossympi_root(args: argparse.Namespace, comm: Any, row: np.ndarray) -
                                                      fill="zero"))
         await asyncio.sleep(0)  # the receives are posted
         await go()
-        last_t, last_n = t0, ep.accepted
-        while not task.done():
-            await asyncio.wait({task}, timeout=_POLL_S)
-            k = ep.accepted
-            if k != last_n:
-                last_t, last_n = time.monotonic(), k
+        last_t = await last_arrival(ep, task, t0, _POLL_S)
         res = task.result()
         t1 = time.monotonic()
         after = ep.stats()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import json
 import os
@@ -13,6 +14,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -92,6 +94,19 @@ def run_cli(package: str, description: str, subcommands: Mapping[str, str], argv
     except BrokenPipeError:  # e.g. piped into `head`
         return 1
     return 1 if result.get("failed") else 0
+
+
+async def last_arrival(ep: Any, task: Any, t0: float, poll: float = 0.002) -> float:
+    """Wait for ``task`` (a receive or collective on endpoint ``ep``); return when ``ep`` last accepted a datagram
+    (``time.monotonic()``, polled every ``poll`` seconds; ``t0`` if none came): the end of the data when a lossy
+    receive runs on to its deadline."""
+    last_t, last_n = t0, ep.accepted
+    while not task.done():
+        await asyncio.wait({task}, timeout=poll)
+        n = ep.accepted
+        if n != last_n:
+            last_t, last_n = time.monotonic(), n
+    return last_t
 
 
 def median(values: Iterable[float | None]) -> float | None:

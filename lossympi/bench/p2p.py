@@ -24,7 +24,6 @@ same bytes, ``recv_into`` a preallocated buffer.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import json
 import math
@@ -42,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from lossympi.bench.common import CpuMeter, fmt, free_port, host_info, log, median, parse_rates, table
+from lossympi.bench.common import CpuMeter, fmt, free_port, host_info, last_arrival, log, median, parse_rates, table
 
 __all__ = ["HELP", "VARIANTS", "add_arguments", "render", "run"]
 
@@ -162,12 +161,7 @@ class _Worker:
             t0 = time.monotonic()
             fut = ep.irecv(1, out, timeout=timeout)
             self.go.send(t0)
-            last_t, last_n = t0, ep.accepted
-            while not fut.done():
-                await asyncio.wait({fut}, timeout=_POLL_S)
-                n = ep.accepted
-                if n != last_n:
-                    last_t, last_n = time.monotonic(), n
+            last_t = await last_arrival(ep, fut, t0, _POLL_S)
             return fut.result(), t0, last_t
 
         res, t0, last_t = ep.run(once())
