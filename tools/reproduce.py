@@ -15,7 +15,9 @@ Parts (each writes a block of ``OUT/results.md``, figures and JSON under ``OUT/r
 - ``lossy``: 5% packet loss on the parameter server's link of an emulated cluster (``lossympi.netem``, network
   namespaces, nftables drops): accuracy against wall time with lossympi, TCP and gRPC, against the same
   transports without loss. Needs root.
-- ``scalability``: steps/s against the number of workers, Multi-Krum against average.
+- ``scalability``: the seed's figure: useful samples/s against the number of workers (3 to 18 real processes,
+  27 to 64 simulated), average over TCP and over MPI, Multi-Krum f = 1, 4, 8, Bulyan f = 1, 2, 4 and Draco
+  f = 1, 4, each where its bound allows.
 
 Every run is recorded as JSON (``OUT/results/<part>/<name>.json``) with its full ``TrainConfig``, the command that
 reproduces it, the harness (launcher, process entry, emulated network), the run summary with its evaluation history,
@@ -63,6 +65,13 @@ BIG = "synthetic-1.75m"
 BIG_PARAMS = 1_750_000
 RULES_ROBUST = ("average", "median", "multi-krum", "bulyan")
 ATTACKS = ("none", "reverse", "gaussian", "alie", "ipm", "label-flip", "data-poison", "nan")
+#: The lines of the seed's scalability figure: (rule, f, transport). Average is plain TensorFlow over TCP and MPI;
+#: the robust rules and Draco run over lossympi; each point is run only where the rule's bound allows (n, f).
+SCALE_LINES: tuple[tuple[str, int, str], ...] = (
+    ("average", 0, "tcp"), ("average", 0, "mpi"),
+    ("multi-krum", 1, "lossympi"), ("multi-krum", 4, "lossympi"), ("multi-krum", 8, "lossympi"),
+    ("bulyan", 1, "lossympi"), ("bulyan", 2, "lossympi"), ("bulyan", 4, "lossympi"),
+    ("draco", 1, "lossympi"), ("draco", 4, "lossympi"))
 RUN_TIMEOUT = 900.0  # seconds one multi-process run may take before it is killed and recorded as failed
 
 
@@ -99,11 +108,11 @@ class Plan:
     lossy_direction: str = "both"
     lossy_target: float = 0.90
     lossy_injected: bool = True  # also lossympi with the same loss injected on a clean network (a diagnostic)
-    # scalability (local processes, loopback)
-    scale_workers: tuple[int, ...] = (5, 8, 12)
-    scale_f: int = 1
-    scale_rules: tuple[str, ...] = ("average", "multi-krum")
-    scale_experiment: tuple[str, int, int] = (BIG, 40, 10)
+    # scalability (the seed's figure: real processes on loopback, then simulated up to 64 workers)
+    scale_workers: tuple[int, ...] = (3, 6, 9, 12, 18)
+    scale_sim_workers: tuple[int, ...] = (27, 45, 64)
+    scale_lines: tuple[tuple[str, int, str], ...] = SCALE_LINES
+    scale_experiment: tuple[str, int, int] = (BIG, 30, 10)
     scale_repeats: int = 1
 
     @classmethod
@@ -114,8 +123,9 @@ class Plan:
                    rob_rules=("average", "multi-krum", "bulyan"), rob_attacks=("none", "reverse"),
                    ovh_workers=3, ovh_f=0, ovh_rules=("average", "multi-krum"), ovh_experiments=(("digits", 30, 10),),
                    ovh_repeats=1, lossy_workers=2, lossy_f=0, lossy_rule="average", lossy_steps=30, lossy_eval_every=10,
-                   lossy_losses=(0.05,), lossy_target=0.5, lossy_injected=False, scale_workers=(3, 4), scale_f=0,
-                   scale_rules=("average",), scale_experiment=("digits", 30, 10))
+                   lossy_losses=(0.05,), lossy_target=0.5, lossy_injected=False, scale_workers=(3,),
+                   scale_sim_workers=(6,), scale_lines=(("average", 0, "tcp"), ("draco", 1, "lossympi")),
+                   scale_experiment=("digits", 12, 4))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,6 +283,36 @@ def start_ranks(cfg: dict[str, Any], *, cluster: Any = None, timeout: float = RU
     return json.loads(summary_path.read_text())
 
 
+def mpiexec_path() -> str:
+    """The mpiexec of this environment (the mpich wheel's, next to Python), else the one on PATH."""
+    here = Path(sys.executable).parent / "mpiexec"
+    found = str(here) if here.exists() else shutil.which("mpiexec")
+    if not found:
+        raise RuntimeError("--transport mpi needs mpiexec: pip install 'aggregathor-reborn[mpi]' (the mpich wheel)")
+    return found
+
+
+def start_mpiexec(cfg: dict[str, Any], *, timeout: float = RUN_TIMEOUT) -> dict[str, Any]:
+    """Start the ``workers + 1`` ranks of ``cfg`` under ``mpiexec`` on this machine (``--launcher mpi``; each rank
+    enters through ``tools/reproduce.py --rank``), wait for them, and return the server's summary."""
+    run_dir = Path(cfg["run_dir"])
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    argv = [mpiexec_path(), "-n", str(int(cfg["workers"]) + 1), "-env", "TF_NUM_INTRAOP_THREADS", "1",
+            sys.executable, str(Path(__file__).resolve()), "--rank", json.dumps(cfg), "--quiet"]
+    with (run_dir / "logs" / "mpiexec.log").open("w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            raise RuntimeError(f"mpiexec did not finish within {timeout:.0f} s; see {run_dir / 'logs'}") from None
+    if rc != 0:
+        tail = (run_dir / "logs" / "mpiexec.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"mpiexec exited with status {rc}; see {run_dir / 'logs'}:\n{tail}")
+    return json.loads(Path(cfg["json_out"]).read_text())
+
+
 class NetemCluster:
     """A lazily built ``lossympi.netem.Cluster``, rebuilt when a run needs more hosts."""
 
@@ -364,6 +404,8 @@ def execute(spec: RunSpec, scratch: Path, quiet_wait: float = 0.0, quiet_thresho
             cluster.set_link(netem["host"], LinkSpec(loss=netem["loss"], direction=netem["direction"]))
             record["netem_cluster"] = cluster.describe()
             summary = start_ranks(cfg, cluster=cluster)
+        elif launcher == "mpiexec":
+            summary = start_mpiexec(cfg)
         else:
             summary = start_ranks(cfg)
         summary.pop("config", None)  # the same as record["config"]
@@ -851,43 +893,99 @@ INJECTED = "lossympi (injected)"
 # part (d): scalability
 
 
+#: One point of the scalability figure: (rule, f, transport, workers, simulated).
+ScalePoint = tuple[str, int, str, int, bool]
+
+
+def rule_allows(rule: str, n: int, f: int) -> bool:
+    """Whether ``rule`` can tolerate ``f`` of ``n`` (its own ``check()``); an unknown rule is an error."""
+    from aggregathor import gars
+
+    if rule not in gars.names():
+        raise ValueError(f"scalability: unknown rule {rule!r}; known: {', '.join(gars.names())}")
+    try:
+        gars.get(rule, n, f)
+    except ValueError:
+        return False
+    return True
+
+
+def scale_points(p: Plan) -> list[ScalePoint]:
+    """Every (line, n) the plan runs: each line wherever its rule's bound allows; under ``simulate`` the
+    transport is the in-process one, so average is one line there."""
+    pts: list[ScalePoint] = []
+    for sim, ns in ((False, p.scale_workers), (True, p.scale_sim_workers)):
+        for n in ns:
+            lines = dict.fromkeys((r, f, "simulated" if sim else t) for r, f, t in p.scale_lines)
+            pts += [(r, f, t, n, sim) for r, f, t in lines if rule_allows(r, n, f)]
+    return pts
+
+
+def scale_spec(p: Plan, pt: ScalePoint, rep: int) -> RunSpec:
+    rule, f, transport, n, sim = pt
+    exp, steps, every = p.scale_experiment
+    launcher = "simulate" if sim else ("mpi" if transport == "mpi" else "local")
+    cfg = {**experiment_fields(exp), "gar": rule, "workers": n, "f": f, "byzantine": 0, "steps": steps,
+           "eval_every": every, "checkpoint_every": 0, "loss": 0.0, "seed": p.seed, "launcher": launcher,
+           "transport": "lossympi" if sim else transport}
+    harness = {"launcher": "simulate" if sim else ("mpiexec" if launcher == "mpi"
+                                                    else "ranks" if needs_shim(cfg) else "local"), "repeat": rep}
+    tag = "sim" if sim else transport
+    return RunSpec("scalability", f"{exp}-{rule}-f{f}-{tag}-n{n}-r{rep}", cfg, harness,
+                   {"experiment": exp, "rule": rule, "f": f, "transport": transport, "workers": n,
+                    "simulated": sim, "repeat": rep})
+
+
+def useful_gradients(rule: str, n: int, f: int) -> float:
+    """Distinct gradients one step uses: n, or one per group of 2f + 1 for Draco (its copies are redundant)."""
+    return n / (2 * f + 1) if rule == "draco" else float(n)
+
+
+def scale_label(rule: str, f: int, transport: str) -> str:
+    return f"{rule} ({transport})" if rule == "average" else f"{rule} f={f}"
+
+
 def part_scalability(s: Session) -> dict[str, Any]:
     p = s.plan
     exp, steps, every = p.scale_experiment
-    recs: dict[tuple[int, str], list[dict[str, Any]]] = {}
-    total = len(p.scale_workers) * len(p.scale_rules) * p.scale_repeats
-    i = 0
-    for n in p.scale_workers:
-        for rep in range(p.scale_repeats):
-            for rule in p.scale_rules:
-                i += 1
-                # the configuration of an overhead run (same n) is reused when that part ran in this session
-                spec = throughput_spec("scalability", exp, rule, n, p.scale_f, steps, every, p.seed, rep)
-                recs.setdefault((n, rule), []).append(s.run(spec, f" {i}/{total}"))
+    batch = default_batch_size()
+    pts = scale_points(p)
+    recs: dict[ScalePoint, list[dict[str, Any]]] = {}
+    for i, pt in enumerate(pts * p.scale_repeats, 1):
+        spec = scale_spec(p, pt, (i - 1) // len(pts))
+        recs.setdefault(pt, []).append(s.run(spec, f" {i}/{len(pts) * p.scale_repeats}"))
     rows, data = [], {}
-    for n in p.scale_workers:
-        base = median([rate(r) for r in recs[(n, p.scale_rules[0])]])
-        for rule in p.scale_rules:
-            med = median([rate(r) for r in recs[(n, rule)]])
-            ovh = None if med is None or base is None or rule == p.scale_rules[0] else 1 - med / base
-            rows.append([str(n), f"`{rule}`", _f(med), _f(None if med is None else med * n, 1),
-                         _f(None if med is None else med * n * 32, 0), "–" if ovh is None else _pct(ovh, 1),
-                         lost_note(recs[(n, rule)]), _median_pct(recs[(n, rule)])])
-            data[f"{n}|{rule}"] = {"steps_per_second": med, "overhead_vs_average": ovh,
-                                   "runs": [r["json"] for r in recs[(n, rule)]]}
+    for pt in pts:
+        rule, f, transport, n, sim = pt
+        med = median([rate(r) for r in recs[pt]])
+        samples = None if med is None else med * useful_gradients(rule, n, f) * batch
+        rows.append([str(n) + (" (sim)" if sim else ""), f"`{scale_label(rule, f, transport)}`", _f(med),
+                     _f(samples, 0), lost_note(recs[pt]), _median_pct(recs[pt])])
+        data[f"{n}|{rule}|{f}|{transport}|{'sim' if sim else 'real'}"] = {
+            "steps_per_second": med, "useful_samples_per_second": samples,
+            "runs": [r["json"] for r in recs[pt]]}
     lines = [
-        f"Setup: as for the overhead part (`{exp}`, {experiment_size(exp):,} parameters, lossympi on loopback, "
-        f"`--loss 0`, `--f {p.scale_f}`, no Byzantine worker, {steps} steps, steady-state rate after the first "
-        f"{every}), n + 1 processes for n workers, {p.scale_repeats} launch(es) per point (the n = {p.ovh_workers} "
-        "points are the overhead part's runs when it ran in the same session; median). Gradients/s = steps/s × n; "
-        "samples/s = gradients/s × 32. All processes share this machine's CPUs.", "",
-        md_table(["workers n", "rule", "steps/s", "gradients/s", "samples/s", "overhead vs average",
-                  "lost chunks / gradients", "foreign CPU"], rows), "",
-        "![throughput against workers](results/scalability.png)", "",
-        f"Raw runs: `results/scalability/*.json` (and `results/overhead/*-n{p.ovh_workers}-*.json`).",
+        f"Setup: `{exp}` ({experiment_size(exp):,} parameters), `--loss 0`, no Byzantine worker, batch {batch}, "
+        f"{steps} steps, steady-state rate after the first {every}; {p.scale_repeats} launch(es) per point (median). "
+        "Real points: n + 1 processes on loopback, all sharing this machine's CPUs (average over TCP and over MPI "
+        "under `mpiexec`; the robust rules and Draco over lossympi). Points marked (sim): `--launcher simulate`, "
+        "every worker in one process, one after the other, so their rate is not comparable with the real points' "
+        "in absolute terms, only between rules. Useful samples/s = steps/s × distinct gradients × batch: n "
+        "gradients per step, or n / (2f + 1) for Draco, whose 2f + 1 copies of a group compute one gradient. "
+        "Each line is run only where its rule's bound allows (Multi-Krum n ≥ 2f + 3, Bulyan n ≥ 4f + 3, Draco "
+        "n a multiple of 2f + 1).", "",
+        md_table(["workers n", "line", "steps/s", "useful samples/s", "lost chunks / gradients", "foreign CPU"], rows),
+        "", "![throughput against workers](results/scalability.png)", "",
+        "Raw runs: `results/scalability/*.json`.",
     ]
-    plot_scalability(s.results / "scalability.png", p.scale_workers, p.scale_rules, recs, exp)
+    plot_scalability(s.results / "scalability.png", pts, recs, exp, batch)
     return {"markdown": "\n".join(lines), "data": data}
+
+
+def default_batch_size() -> int:
+    from aggregathor.config import TrainConfig
+
+    return int(TrainConfig().batch_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1013,19 +1111,23 @@ def plot_lossy(path: Path, transports: Sequence[str], losses: Sequence[float], b
     _save(fig, path)
 
 
-def plot_scalability(path: Path, ns: Sequence[int], rules: Sequence[str], recs: dict, exp: str) -> None:
+def plot_scalability(path: Path, pts: Sequence[ScalePoint], recs: dict, exp: str, batch: int) -> None:
+    """Useful samples/s against workers, one line per (rule, f, transport); simulated points dashed, on their
+    own panel (their absolute rate is one process's)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for rule in rules:
-        med = [median([rate(r) for r in recs[(n, rule)]]) for n in ns]
-        axes[0].plot(ns, [m or 0 for m in med], marker="o", label=rule)
-        axes[1].plot(ns, [(m or 0) * n for m, n in zip(med, ns, strict=True)], marker="o", label=rule)
-    for ax, lab in zip(axes, ("steps/s", "gradients/s (steps/s × n)"), strict=True):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for sim, ax in ((False, axes[0]), (True, axes[1])):
+        for rule, f, transport in dict.fromkeys((r, f, t) for r, f, t, _, s in pts if s == sim):
+            xs = [n for r, ff, t, n, s in pts if (r, ff, t, s) == (rule, f, transport, sim)]
+            ys = [(median([rate(x) for x in recs[(rule, f, transport, n, sim)]]) or 0)
+                  * useful_gradients(rule, n, f) * batch for n in xs]
+            ax.plot(xs, ys, marker="o", linestyle="--" if sim else "-", label=scale_label(rule, f, transport))
         ax.set_xlabel("workers n")
-        ax.set_ylabel(lab)
+        ax.set_ylabel("useful samples/s")
+        ax.set_title("simulated (one process)" if sim else "real processes, one 2-CPU machine", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{exp}, lossympi on loopback, one 2-CPU machine", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{exp}: throughput against workers", fontsize=10)
     _save(fig, path)
 
 
@@ -1111,8 +1213,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--rank"]:  # one rank of a run this tool started (see start_ranks)
         if needs_shim(json.loads(argv[1])):
             register_big()
-        from aggregathor.launch import main_rank
+        from aggregathor.config import TrainConfig
+        from aggregathor.launch import main_rank, run_rank
 
+        if json.loads(argv[1]).get("launcher") == "mpi":  # started by start_mpiexec: the world is MPI's
+            run_rank(TrainConfig.from_dict(json.loads(argv[1])), method="mpi", progress=False)
+            return 0
         return main_rank(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
