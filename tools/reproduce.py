@@ -16,7 +16,7 @@ Parts (each writes a block of ``OUT/results.md``, figures and JSON under ``OUT/r
   namespaces, nftables drops): accuracy against wall time with lossympi, TCP and gRPC, against the same
   transports without loss. Needs root.
 - ``scalability``: the seed's figure: useful samples/s against the number of workers (3 to 18 real processes,
-  27 to 64 simulated), average over TCP and over MPI, Multi-Krum f = 1, 4, 8, Bulyan f = 1, 2, 4 and Draco
+  36 and 63 simulated), average over TCP and over MPI, Multi-Krum f = 1, 4, 8, Bulyan f = 1, 2, 4 and Draco
   f = 1, 4, each where its bound allows.
 
 Every run is recorded as JSON (``OUT/results/<part>/<name>.json``) with its full ``TrainConfig``, the command that
@@ -110,9 +110,10 @@ class Plan:
     lossy_injected: bool = True  # also lossympi with the same loss injected on a clean network (a diagnostic)
     # scalability (the seed's figure: real processes on loopback, then simulated up to 64 workers)
     scale_workers: tuple[int, ...] = (3, 6, 9, 12, 18)
-    scale_sim_workers: tuple[int, ...] = (27, 45, 64)
+    scale_sim_workers: tuple[int, ...] = (36, 63)  # multiples of 3 and 9: Draco's groups (f = 1, 4) fit
     scale_lines: tuple[tuple[str, int, str], ...] = SCALE_LINES
     scale_experiment: tuple[str, int, int] = (BIG, 30, 10)
+    scale_sim_steps: tuple[int, int] = (15, 5)  # (steps, eval_every) of the simulated points
     scale_repeats: int = 1
 
     @classmethod
@@ -125,7 +126,7 @@ class Plan:
                    ovh_repeats=1, lossy_workers=2, lossy_f=0, lossy_rule="average", lossy_steps=30, lossy_eval_every=10,
                    lossy_losses=(0.05,), lossy_target=0.5, lossy_injected=False, scale_workers=(3,),
                    scale_sim_workers=(6,), scale_lines=(("average", 0, "tcp"), ("draco", 1, "lossympi")),
-                   scale_experiment=("digits", 12, 4))
+                   scale_experiment=("digits", 12, 4), scale_sim_steps=(12, 4))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -924,6 +925,8 @@ def scale_points(p: Plan) -> list[ScalePoint]:
 def scale_spec(p: Plan, pt: ScalePoint, rep: int) -> RunSpec:
     rule, f, transport, n, sim = pt
     exp, steps, every = p.scale_experiment
+    if sim:
+        steps, every = p.scale_sim_steps
     launcher = "simulate" if sim else ("mpi" if transport == "mpi" else "local")
     cfg = {**experiment_fields(exp), "gar": rule, "workers": n, "f": f, "byzantine": 0, "steps": steps,
            "eval_every": every, "checkpoint_every": 0, "loss": 0.0, "seed": p.seed, "launcher": launcher,
@@ -966,7 +969,8 @@ def part_scalability(s: Session) -> dict[str, Any]:
             "runs": [r["json"] for r in recs[pt]]}
     lines = [
         f"Setup: `{exp}` ({experiment_size(exp):,} parameters), `--loss 0`, no Byzantine worker, batch {batch}, "
-        f"{steps} steps, steady-state rate after the first {every}; {p.scale_repeats} launch(es) per point (median). "
+        f"{steps} steps ({p.scale_sim_steps[0]} simulated), steady-state rate after the first {every} "
+        f"({p.scale_sim_steps[1]}); {p.scale_repeats} launch(es) per point (median). "
         "Real points: n + 1 processes on loopback, all sharing this machine's CPUs (average over TCP and over MPI "
         "under `mpiexec`; the robust rules and Draco over lossympi). Points marked (sim): `--launcher simulate`, "
         "every worker in one process, one after the other, so their rate is not comparable with the real points' "
