@@ -1,8 +1,9 @@
 """Conditions that can repeat every step, reported without flooding the output.
 
-A condition (an update skipped for a non-finite aggregate, gradients lost, workers missing) is logged once, when it
-first happens; then it is only counted, and :meth:`Notices.totals` gives one line of the counts since the previous
-totals, which the server logs at each evaluation (the summary holds the run's totals). Never one line per step.
+A condition (an update skipped for a non-finite aggregate or too few gradients, a step aggregated on the rows that
+arrived, gradients lost, workers missing) is logged once, when it first happens; then it is only counted, and
+:meth:`Notices.totals` gives one line of the counts since the previous totals, which the server logs at each
+evaluation (the summary holds the run's totals). Never one line per step.
 """
 
 from __future__ import annotations

@@ -6,8 +6,19 @@ Each synchronous step (:meth:`ParameterServer.step`):
 2. every worker loads them, computes the gradient of its own mini-batch (from its own shard; a Byzantine
    worker replaces it by an attack) and sends it (:mod:`aggregathor.worker`);
 3. the server gathers the gradients until the step's deadline (``gather``), what is missing filled, aggregates
-   them with the robust rule and applies the Keras optimizer. An aggregate that is not finite (e.g. more than
-   ``f`` rows lost and NaN-filled) leaves the model as it was; the step is counted (``skipped_updates``).
+   them with the robust rule and applies the Keras optimizer (:meth:`ParameterServer.aggregate`).
+
+Steps with missing gradients (:class:`RowSubsetRules`). A row has *arrived* when at least one of its chunks did
+(``GatherReport.arrived()``: a row with lost chunks is arrived, its gaps filled); a row of which nothing came (a
+dead link, a crashed worker, a gradient that missed the deadline entirely) is *missing*. When all ``n`` rows
+arrived the step is ``"full"``. When only ``n' < n`` did, the ``n'`` rows are copied into a preallocated buffer and
+aggregated by the rule rebuilt for ``(n', f)`` with the same options (cached by ``n'``), when its bound holds: the
+step is ``"reduced"``, and the ``f`` Byzantine workers it tolerates are counted among the rows that arrived. When
+that bound fails but at most ``f`` rows are missing, the rule for ``n`` runs on all the rows, the missing ones
+filled (they count against ``f``, as before this rule existed): ``"full"``. Otherwise, and whenever the aggregate is
+not finite, the model is left as it was: ``"skipped"`` (``update_skipped``). ``steps.jsonl`` has ``aggregation``
+and ``aggregated_rows`` per step; the summary counts ``reduced_updates``, ``skipped_updates`` and, among these,
+``skipped_too_few_rows``.
 
 The server only ever reads numbers from the workers: fixed-size float32 vectors, checked by the transport
 (size, dtype, step tag) before a byte is written. It runs no code that came over the network.
@@ -31,7 +42,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -46,7 +57,7 @@ from aggregathor.steplog import JsonLines, StepRecord
 from aggregathor.summary import RunCounters, RunSummary
 from aggregathor.transport.base import ProtocolEvents, ServerTransport
 
-__all__ = ["ParameterServer", "build_optimizer", "run_server"]
+__all__ = ["Aggregation", "ParameterServer", "RowSubsetRules", "build_optimizer", "run_server"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +75,71 @@ def build_optimizer(cfg: TrainConfig) -> Any:
     if cfg.optimizer == "adam":
         return keras.optimizers.Adam(lr)
     return keras.optimizers.SGD(lr, momentum=cfg.momentum if cfg.optimizer == "momentum" else 0.0)
+
+
+class RowSubsetRules:
+    """The run's rule rebuilt for the ``n' < n`` rows that arrived in a step, cached by ``n'``.
+
+    A rebuilt rule has the same name and options (``pre=`` wrappers, Multi-Krum's ``m``, ...) as the run's and the
+    same ``f``: :func:`aggregathor.gars.get` ``(name, n', f, **options)``. Its bound is checked once per ``n'``
+    (``check()``); an ``n'`` out of the rule's reach is cached too, with the reason.
+
+    Parameters
+    ----------
+    name : str
+        The rule (``--gar``: a registered name or a reference to the user's code).
+    n : int
+        The number of workers (rows of a full step).
+    f : int
+        The number of Byzantine workers tolerated.
+    options : dict
+        The rule's options (``--gar-options``), ``pre`` included.
+
+    Examples
+    --------
+    >>> rules = RowSubsetRules("median", 5, 1, {})
+    >>> rules.rule(3)[0].n, rules.rule(2)[0] is None, "n >= 2f + 1" in rules.rule(2)[1]
+    (3, True, True)
+    """
+
+    def __init__(self, name: str, n: int, f: int, options: dict[str, Any]) -> None:
+        self.name, self.n, self.f, self.options = name, n, f, dict(options)
+        self.cache: dict[int, tuple[gars.GAR | None, str]] = {}
+        self._buffer: np.ndarray | None = None  # (n - 1, d): the rows that arrived, first n' rows used
+
+    def rule(self, rows: int) -> tuple[gars.GAR | None, str]:
+        """The rule for ``rows`` arrived rows and ``""``, or None and why its bound fails (``0 < rows < n``)."""
+        if not 0 < rows < self.n:
+            raise ValueError(f"a reduced step has 1 to {self.n - 1} rows, got {rows}")
+        got = self.cache.get(rows)
+        if got is None:
+            try:
+                got = (gars.get(self.name, rows, self.f, **self.options), "")
+            except ValueError as exc:
+                got = (None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            self.cache[rows] = got
+        return got
+
+    def gather(self, rows: np.ndarray, arrived: np.ndarray) -> np.ndarray:
+        """The ``(n', d)`` rows of ``rows`` (``(n, d)``, any strides) where ``arrived``, copied into the reused
+        buffer (allocated at the first reduced step; a step with every row never copies)."""
+        count = int(np.count_nonzero(arrived))
+        shape = (self.n - 1, rows.shape[1])
+        if self._buffer is None or self._buffer.shape != shape or self._buffer.dtype != rows.dtype:
+            self._buffer = np.empty(shape, rows.dtype)
+        out = self._buffer[:count]
+        np.take(rows, np.flatnonzero(arrived), axis=0, out=out)
+        return out
+
+
+class Aggregation(NamedTuple):
+    """What a step's aggregation did: ``kind`` is ``"full"``, ``"reduced"`` or ``"skipped"``; ``rows`` the rows the
+    rule aggregated (0: the rule did not run); ``why`` the reason of a skip (``"bound"``: too few rows arrived for
+    the rule's bound, ``"nonfinite"``: the aggregate was not finite), else ``""``."""
+
+    kind: str
+    rows: int
+    why: str = ""
 
 
 class _Outputs:
@@ -116,6 +192,7 @@ class ParameterServer:
         self.view = experiments.flat_view(self.model)
         self.update = self.view.update_fn(self.optimizer)
         self.rule = gars.get(cfg.gar, cfg.workers, cfg.f, **cfg.gar_options)
+        self.subsets = RowSubsetRules(cfg.gar, cfg.workers, cfg.f, cfg.gar_options)  # steps with missing rows
         # what travels: the parameters (gradient) then the model's state (aggregathor.state)
         self.theta = np.zeros(self.view.wire_size, np.float32)
         self.rows = np.zeros((cfg.workers + 1, self.view.wire_size), np.float32)  # row r: worker r's message
@@ -201,7 +278,8 @@ class ParameterServer:
         self.notices.note("worker-steps without a live worker", k, f"{missing} worker(s) missing (no live link)",
                           missing)
         rec.events = self.events.observe(report, self.rows[1:])
-        rec.update_skipped = not self._aggregate_and_apply(k)
+        done = self.aggregate(k, report.arrived())
+        rec.aggregation, rec.aggregated_rows, rec.update_skipped = done.kind, done.rows, done.kind == "skipped"
         if self.view.state_size:
             self.view.set_state(aggregate_state(self.rows[1:], report, self.view.size, self.view.get_state(),
                                                self.cfg.f))
@@ -210,16 +288,50 @@ class ParameterServer:
         self._when_due(k + 1, missing)
         return rec
 
-    def _aggregate_and_apply(self, k: int) -> bool:
-        """Aggregate the rows and update the model; False (model untouched) when the aggregate is not finite."""
-        g = self.rule(self._gradients())
+    def aggregate(self, k: int, arrived: np.ndarray) -> Aggregation:
+        """Aggregate step ``k``'s rows and update the model (see the module notes: full, reduced or skipped).
+
+        Parameters
+        ----------
+        k : int
+            The step (for the notices).
+        arrived : ndarray of bool, shape (n,)
+            The rows that arrived (:meth:`aggregathor.transport.base.GatherReport.arrived`).
+        """
+        n, f, count = self.cfg.workers, self.cfg.f, int(np.count_nonzero(arrived))
+        rule, kind, why = self.rule, "full", ""
+        if count < n:
+            reduced, why = self.subsets.rule(count) if count else (None, "no gradient arrived")
+            if reduced is not None:
+                rule, kind = reduced, "reduced"
+            elif n - count > f:
+                return self._skip(k, "bound", f"{n - count} of {n} gradients missing and the rule for the {count} "
+                                              f"that arrived is out of reach ({why}); the update is skipped")
+        if kind == "reduced":
+            rows = self.subsets.gather(self.rows[1:, :self.view.size], arrived)
+            self.notices.note("updates on the rows that arrived (rule rebuilt for n' < n)", k,
+                              f"{count} of {n} gradients arrived: aggregated by {self.cfg.gar} rebuilt for "
+                              f"n'={count}, f={f}")
+        else:
+            rows = self._gradients()
+        g = rule(rows)
         if not bool(tf.reduce_all(tf.math.is_finite(g))):
-            self.counters.skipped_updates += 1
-            self.notices.note("updates skipped (non-finite aggregate)", k,
-                              f"the aggregate is not finite (rule {self.cfg.gar}); the update is skipped")
-            return False
+            return self._skip(k, "nonfinite", f"the aggregate is not finite (rule {self.cfg.gar}); the update is "
+                                              "skipped", rows=len(rows))
         self.update(g)
-        return True
+        if kind == "reduced":
+            self.counters.reduced_updates += 1
+        return Aggregation(kind, len(rows))
+
+    def _skip(self, k: int, why: str, text: str, rows: int = 0) -> Aggregation:
+        """Count a skipped update (``why``: ``"bound"`` or ``"nonfinite"``), noted once per reason."""
+        self.counters.skipped_updates += 1
+        if why == "bound":
+            self.counters.skipped_too_few_rows += 1
+            self.notices.note("updates skipped (too few gradients for the rule's bound)", k, text)
+        else:
+            self.notices.note("updates skipped (non-finite aggregate)", k, text)
+        return Aggregation("skipped", rows, why)
 
     def _gradients(self) -> np.ndarray:
         """The ``(n, d)`` gradient rows, without the state columns (contiguous: a copy when there is a state)."""

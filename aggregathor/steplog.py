@@ -84,6 +84,8 @@ class StepRecord:
     params_chunks: int = 0  # datagram chunks of the parameters sent this step (0: a reliable stream)
     params_lost_chunks: int = 0  # of which the sender knows were dropped (the emulated --loss)
     update_skipped: bool = False
+    aggregation: str = "full"  # "full", "reduced" (the rule rebuilt for the n' < n rows that arrived) or "skipped"
+    aggregated_rows: int = 0  # the rows the rule aggregated (0: it did not run)
     events: dict[str, Any] = field(default_factory=dict)  # the step's protocol events (ProtocolEvents.observe)
 
     def row(self, end: float, t0: float) -> dict[str, Any]:
@@ -95,4 +97,5 @@ class StepRecord:
                 "lost_chunks": int(self.lost_chunks), "chunks": int(self.chunks),
                 "lost_gradients": int(self.lost_gradients), "missing_workers": int(self.missing_workers),
                 "params_chunks": int(self.params_chunks), "params_lost_chunks": int(self.params_lost_chunks),
+                "aggregation": self.aggregation, "aggregated_rows": int(self.aggregated_rows),
                 **({"update_skipped": True} if self.update_skipped else {}), **self.events}

@@ -29,7 +29,9 @@ class RunCounters:
     rejected: int = 0  # datagrams (or frames) refused
     missing_workers: int = 0  # worker-steps without a live worker
     max_missing_workers: int = 0
-    skipped_updates: int = 0  # steps whose aggregate was not finite
+    skipped_updates: int = 0  # steps that left the model as it was (non-finite aggregate, or too few rows)
+    skipped_too_few_rows: int = 0  # of which: too many gradients missing for the rule's bound
+    reduced_updates: int = 0  # steps aggregated by the rule rebuilt for the n' < n rows that arrived
 
     def add_missing(self, missing: int) -> None:
         """Count one step's missing workers."""
@@ -82,7 +84,9 @@ class RunSummary:
     checkpoints_skipped: list[list[Any]] = field(default_factory=list)  # [step, why] of unusable checkpoints
     missing_workers: int = 0  # worker-steps without a live worker (summed over the steps of this server)
     max_missing_workers: int = 0
-    skipped_updates: int = 0  # steps whose aggregate was not finite: the model was left as it was
+    skipped_updates: int = 0  # steps that left the model as it was: a non-finite aggregate, or too few rows
+    skipped_too_few_rows: int = 0  # of which: too many gradients missing for the rule's bound (aggregathor.server)
+    reduced_updates: int = 0  # steps aggregated by the rule rebuilt for the n' < n rows that arrived
     rejoins: int = 0  # workers that reconnected after their link died
     control_rejects: dict[str, int] = field(default_factory=dict)  # refused control connections by reason
     control_link_failures: dict[str, int] = field(default_factory=dict)  # lost worker links by reason
@@ -101,6 +105,7 @@ class RunSummary:
                    lost_chunk_fraction=counters.lost_chunk_fraction, lost_gradients=counters.lost_gradients,
                    rejected_datagrams=counters.rejected, missing_workers=counters.missing_workers,
                    max_missing_workers=counters.max_missing_workers, skipped_updates=counters.skipped_updates,
+                   skipped_too_few_rows=counters.skipped_too_few_rows, reduced_updates=counters.reduced_updates,
                    rejoins=int(faults.rejoins), control_rejects=dict(faults.control_rejects),
                    control_link_failures=dict(faults.control_link_failures),
                    rendezvous_rejects=dict(faults.rendezvous_rejects),

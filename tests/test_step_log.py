@@ -106,7 +106,7 @@ def test_a_step_record_is_the_documented_row():
     row = rec.row(end=10.06, t0=9.0)
     assert list(row) == ["step", "wall", "seconds", "deadline", "gather_seconds", "control_seconds", "params_seconds",
                          "lost_chunks", "chunks", "lost_gradients", "missing_workers", "params_chunks",
-                         "params_lost_chunks", "nonfinite"]
+                         "params_lost_chunks", "aggregation", "aggregated_rows", "nonfinite"]
     assert (row["params_chunks"], row["params_lost_chunks"]) == (40, 3)
     assert row["wall"] == 1.06 and row["seconds"] == 0.06 and row["deadline"] == 0.12346
     assert (row["control_seconds"], row["params_seconds"], row["gather_seconds"]) == (0.001, 0.002, 0.047)

@@ -61,6 +61,12 @@ class GatherReport:
     def lost_fraction(self) -> float:
         return self.lost_chunks / self.chunks if self.chunks else 0.0
 
+    def arrived(self) -> np.ndarray:
+        """``(n,)`` bool: the rows of which at least one chunk arrived (``delivered > 0``; the rest of such a row
+        was filled). A row of which nothing arrived (a dead link, a gradient that missed the deadline entirely,
+        every chunk lost) is missing: its whole row is the fill (``lost_row_fill``)."""
+        return np.asarray(self.delivered) > 0
+
 
 def row_health(rows: np.ndarray, report: GatherReport) -> tuple[np.ndarray, np.ndarray]:
     """Which gathered gradients are not finite, and every row's L2 norm, counting only what arrived.
