@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from aggregathor import attacks, experiments
+from aggregathor.assignment import data_assignment, deterministic_ops
 from aggregathor.config import TrainConfig
 from aggregathor.deadline import Deadline
 from aggregathor.transport.base import Capability, WorkerTransport
@@ -49,8 +50,10 @@ class Worker:
         exp = experiments.get(cfg.experiment)
         self.model = exp.build_model(cfg.seed)
         self.view = experiments.flat_view(self.model)
-        shard = exp.partition(cfg.workers, scheme=cfg.partition, alpha=cfg.alpha, seed=cfg.seed)[rank - 1]
-        self.batches = exp.batches(shard, cfg.batch_size, seed=cfg.seed * 1_000_003 + rank)
+        deterministic_ops(cfg)  # Draco: the members of a group must compute bitwise-equal gradients
+        data = data_assignment(cfg, rank)  # the shard and batch seed (shared by a Draco group)
+        shard = exp.partition(data.shards, scheme=cfg.partition, alpha=cfg.alpha, seed=cfg.seed)[data.shard]
+        self.batches = exp.batches(shard, cfg.batch_size, seed=data.seed)
         self.grad_fn = experiments.gradient_fn(self.model, exp.loss)
         self.attack = attacks.get(cfg.attack, **cfg.attack_options) if cfg.is_byzantine(rank) else None
         self.rng = np.random.default_rng([cfg.seed, 0xB42])  # shared by the colluding workers: same draws

@@ -347,6 +347,7 @@ PAPER_BOUNDS: dict[str, Callable[[int, int], bool] | None] = {
     "bulyan": lambda n, f: n >= 4 * f + 3,  # El Mhamdi et al. 2018
     "geometric-median": None,
     "centered-clipping": None,
+    "draco": lambda n, f: n % (2 * f + 1) == 0,  # Chen et al. 2018: groups of r = 2f + 1
 }
 
 
@@ -778,6 +779,13 @@ def check_centered_clipping(x: np.ndarray, f: int, out: np.ndarray, eps: float, 
     _assert_close("centered-clipping", out, expect, 16 * eps * scale)
 
 
+def check_draco(x: np.ndarray, f: int, out: np.ndarray, eps: float, **params: Any) -> None:
+    r = 2 * f + 1
+    groups = x.reshape(-1, r, x.shape[1])
+    scale = np.where(np.isfinite(groups), np.abs(groups), 0.0).max(axis=1).sum(axis=0) / len(groups)
+    _assert_close("draco", out, ref.draco(x, f), 4 * eps * scale)
+
+
 CHECKERS: dict[str, Callable[..., None]] = {
     "average": check_average,
     "average-nan": check_average_nan,
@@ -789,6 +797,7 @@ CHECKERS: dict[str, Callable[..., None]] = {
     "bulyan": check_bulyan,
     "geometric-median": check_geometric_median,
     "centered-clipping": check_centered_clipping,
+    "draco": check_draco,
 }
 
 

@@ -194,6 +194,7 @@ CONFIGS: list[tuple[str, dict[str, Any], Callable[..., str | None]]] = [
     ("geometric-median", {"iterations": 100, "nu": 1e-6}, bound_geometric_median),
     ("centered-clipping", {}, bound_centered_clipping),
     ("centered-clipping", {"tau": 10.0, "iterations": 3, "center": "zero"}, bound_centered_clipping),
+    ("draco", {}, bound_hull),  # N = 11: one group of 11 (f = 5); distinct honest rows: the median fallback
 ]
 BOUNDED = {name for name, _, _ in CONFIGS}
 ROBUST = [(name, params, bound) for name, params, bound in CONFIGS if name in REGISTERED]

@@ -62,6 +62,8 @@ __all__ = [
     "centered_clipping",
     "clipping",
     "compose",
+    "draco",
+    "draco_majority",
     "geometric_median",
     "krum",
     "krum_scores",
@@ -533,6 +535,39 @@ def arc(x: Any, f: int) -> np.ndarray:
     return np.array([_clip(row, c) for row in a])
 
 
+# ---------------------------------------------------------------------------------------------- Draco
+def draco_majority(x: Any, f: int) -> list[int | None]:
+    r"""Per group of :math:`r = 2f + 1` consecutive rows, the lowest index of a finite row whose exact value (its
+    bytes) is held by at least :math:`f + 1` rows of the group, or None when there is none (Chen et al., ICML
+    2018, repetition code: the majority vote decoder)."""
+    a = np.asarray(x)
+    n, r = a.shape[0], 2 * f + 1
+    if n % r:
+        raise ValueError(f"draco needs n to be a multiple of 2f + 1, got n={n}, f={f}")
+    out: list[int | None] = []
+    for g in range(n // r):
+        rows = [a[g * r + i].tobytes() for i in range(r)]
+        found = [g * r + i for i in range(r)
+                 if rows.count(rows[i]) >= f + 1 and np.all(np.isfinite(a[g * r + i]))]
+        out.append(found[0] if found else None)
+    return out
+
+
+def draco(x: Any, f: int) -> np.ndarray:
+    r"""Draco with the repetition code (Chen, Wang, Charles, Papailiopoulos, "DRACO: Byzantine-resilient
+    Distributed Training via Redundant Gradients", ICML 2018, §3).
+
+    The rows form :math:`n / r` groups of :math:`r = 2f + 1` consecutive rows; each group decodes to its
+    majority row (:func:`draco_majority`, compared on the input's own bits), or, when it has none, to the
+    coordinate-wise median of its finite values (:func:`median`); the result is the mean of the decoded groups.
+    """
+    a = _matrix(x)
+    r = 2 * f + 1
+    picks = draco_majority(x, f)
+    decoded = [a[i] if i is not None else median(a[g * r:(g + 1) * r]) for g, i in enumerate(picks)]
+    return sum(decoded) / len(decoded)
+
+
 # ------------------------------------------------------------------------------------------- registry
 REFERENCES: dict[str, Callable[..., np.ndarray]] = {
     "average": average,
@@ -545,6 +580,7 @@ REFERENCES: dict[str, Callable[..., np.ndarray]] = {
     "bulyan": bulyan,
     "geometric-median": geometric_median,
     "centered-clipping": centered_clipping,
+    "draco": draco,
 }
 
 WRAPPERS: dict[str, Callable[..., np.ndarray]] = {
