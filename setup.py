@@ -19,7 +19,14 @@ extensions = [
         include_dirs=[str(SRC.relative_to(HERE)), np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), ("_GNU_SOURCE", "1")],
         extra_compile_args=["-O3", "-fno-strict-aliasing", "-Wno-unused-function"],
-    )
+    ),
+    Extension(
+        "lossympi._nfqueue",
+        sources=[str((SRC / "_nfqueue.pyx").relative_to(HERE))],
+        include_dirs=[str(SRC.relative_to(HERE))],
+        define_macros=[("_GNU_SOURCE", "1")],
+        extra_compile_args=["-O3", "-Wno-unused-function"],
+    ),
 ]
 
 setup(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -28,7 +29,7 @@ def _unavailable(caps: Mapping[str, Any]) -> list[str]:
     if not (caps["tbf"] or caps["netem"]):
         missing.append("rate")
     if not caps["netem"]:
-        missing += ["delay", "jitter", "reorder", "duplicate"]
+        missing += ["duplicate"] if caps.get("nfqueue") else ["delay", "jitter", "reorder", "duplicate", "gemodel"]
     return [name for name in IMPAIRMENTS if name in missing]
 
 
@@ -62,11 +63,31 @@ def _probe_backends(ip: str, ns: str, tools: Mapping[str, str | None], caps: dic
         caps["iptables"] = ipt.returncode == 0
         if not caps["iptables"]:
             caps["notes"].append(f"iptables: {ipt.stderr.strip() or 'failed'}")
+    _probe_nfqueue(ip, ns, caps)
+
+
+def _probe_nfqueue(ip: str, ns: str, caps: dict[str, Any]) -> None:
+    """Can the NFQUEUE delay line run here: an iptables that sends packets to a queue, and the compiled loop?"""
+    for name in ("iptables-legacy", "iptables"):  # nftables' `queue` is often not built in: legacy first
+        path = _which(name)
+        if path is None:
+            continue
+        rule = _run([ip, "netns", "exec", ns, path, "-w", "-A", "INPUT", "-i", "p0", "-j", "NFQUEUE",
+                     "--queue-num", "0"], check=False)
+        if rule.returncode == 0:
+            caps["nfqueue_iptables"] = path
+            break
+        caps["notes"].append(f"{name} -j NFQUEUE: {rule.stderr.strip() or 'failed'}")
+    else:
+        caps["notes"].append("no iptables-legacy: no NFQUEUE delay line (apt-get install iptables)")
+    if caps["nfqueue_iptables"] is not None and importlib.util.find_spec("lossympi._nfqueue") is None:
+        caps["notes"].append("lossympi._nfqueue is not built: no NFQUEUE delay line (pip install -e .)")
+    caps["nfqueue"] = caps["nfqueue_iptables"] is not None and importlib.util.find_spec("lossympi._nfqueue") is not None
 
 
 def _probe() -> dict[str, Any]:
     caps: dict[str, Any] = {
-        "netem": False, "nft": False, "iptables": False, "tbf": False,
+        "netem": False, "nft": False, "iptables": False, "tbf": False, "nfqueue": False, "nfqueue_iptables": None,
         "unavailable": list(IMPAIRMENTS), "backends": dict.fromkeys(IMPAIRMENTS), "notes": [],
         "root": _has_admin_caps(), "netns": False, "veth": False, "bridge": False,
         "kernel": os.uname().release, "reason": None,
@@ -106,8 +127,9 @@ def _probe() -> dict[str, Any]:
     backends = caps["backends"]
     backends["loss"] = "netem" if caps["netem"] else "nft" if caps["nft"] else "iptables" if caps["iptables"] else None
     backends["rate"] = "tbf" if caps["tbf"] else "netem" if caps["netem"] else None
-    for name in ("delay", "jitter", "reorder", "duplicate"):
-        backends[name] = "netem" if caps["netem"] else None
+    for name in ("delay", "jitter", "reorder", "gemodel"):
+        backends[name] = "netem" if caps["netem"] else "nfqueue" if caps["nfqueue"] else None
+    backends["duplicate"] = "netem" if caps["netem"] else None
     if backends["loss"] == "iptables":
         caps["notes"].append("loss via iptables works for direction 'in' only")
     if caps["reason"] is None and backends["loss"] is None:
@@ -126,8 +148,9 @@ def capabilities(refresh: bool = False) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``netem``, ``nft``, ``iptables``, ``tbf`` (bool: the backend works here); ``unavailable`` (impairment names
-        with no backend, e.g. ``["delay", "jitter", "reorder", "duplicate"]`` without ``sch_netem``);
+        ``netem``, ``nft``, ``iptables``, ``tbf``, ``nfqueue`` (bool: the backend works here; ``nfqueue`` is the
+        delay line, with the iptables program that feeds it in ``nfqueue_iptables``); ``unavailable`` (impairment
+        names with no backend, e.g. ``["duplicate"]`` without ``sch_netem``);
         ``backends`` (impairment -> backend used, or None); ``root``, ``netns``, ``veth``, ``bridge`` (bool);
         ``kernel``; ``tools`` (program -> path or None); ``notes`` (why a backend failed); ``reason`` (why clusters
         cannot be built here, or None).

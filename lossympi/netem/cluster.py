@@ -17,6 +17,7 @@ from .caps import capabilities, require_root_reason
 from .commands import _BRIDGE_DEV, _HOST_DEV
 from .errors import NetemError, NetemUnavailableError, NetemWarning
 from .hooks import _LIVE, _LIVE_LOCK, _install_hooks
+from .lines import _DelayLines, queue_stats
 from .links import configure_link
 from .namespaces import _cluster_namespaces, _destroy_namespaces
 from .plan import _Plan, _plan
@@ -156,6 +157,7 @@ class Cluster:
         self._owned = True
         self._owner_pid = os.getpid()
         self._caps: dict[str, Any] | None = None
+        self._lines = _DelayLines(prefix)
 
     # -- context manager -------------------------------------------------------------------------------------
 
@@ -258,6 +260,7 @@ class Cluster:
             "hosts": self.hosts, "bridge": self.bridge, "ips": self.ips, "macs": self.macs, "subnet": self.subnet,
             "mtu": self.mtu, "links": {str(i): s.to_dict() for i, s in self._specs.items()},
             "created": time.time(),
+            "delay_lines": ((_read_registry(self.prefix) or {}).get("delay_lines") or {}),  # kept (lines.py)
         }
         try:
             _write_registry(self.prefix, data)
@@ -320,6 +323,10 @@ class Cluster:
     def _apply(self, host: int, plan: _Plan, fresh: bool = False) -> None:
         """Configure ``host``'s link as ``plan`` says, replacing what was there (``fresh``: nothing was)."""
         configure_link(self.hosts[host], self.bridge, host, plan, self.mtu, self._caps or {}, fresh=fresh)
+        if not fresh:  # the NFQUEUE delay line (lossympi.netem.lines): replaced, not reconfigured
+            self._lines.stop(host, self.hosts[host], self._caps or {})
+        if plan.line is not None:
+            self._lines.start(host, self.hosts[host], plan.line, self._caps or {})
         self.applied[host] = dict(plan.applied)
         self.unavailable[host] = list(plan.unavailable)
 
@@ -377,6 +384,7 @@ class Cluster:
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         proc.wait(timeout=5)
             self._procs.clear()
+            self._lines.stop_all()
             _destroy_namespaces(self.hosts + [self.bridge] + _cluster_namespaces(self.prefix))
             leftover = _cluster_namespaces(self.prefix)
             if leftover:  # pragma: no cover - only if `ip netns delete` fails
@@ -485,6 +493,12 @@ class Cluster:
         return result
 
     # -- reporting -------------------------------------------------------------------------------------------
+
+    def delay_line_stats(self) -> dict[int, dict[str, int]]:
+        """Host -> the kernel's counters of its delay line's queues (see :func:`lossympi.netem.lines.queue_stats`):
+        ``queue_dropped`` and ``user_dropped`` grow when the line saturates; ``id_sequence`` counts the packets."""
+        return {i: queue_stats(self.hosts[i]) for i in range(self.n_hosts)
+                if "nfqueue" in self.applied.get(i, {}).values()}
 
     def describe(self) -> dict[str, Any]:
         """A JSON-friendly description: prefix, subnet, mtu, ``per_packet``, and per host its namespace, address,

@@ -14,9 +14,10 @@ import warnings
 from collections.abc import Sequence
 
 from .errors import NetemWarning
+from .lines import _kill_recorded
 from .namespaces import _cluster_namespaces, _destroy_namespaces
 from .programs import _user_stacklevel
-from .registry import _remove_registry
+from .registry import _read_registry, _remove_registry
 
 __all__: list[str] = []
 
@@ -38,6 +39,7 @@ def main(argv: Sequence[str]) -> None:
         data += chunk
         if b"done" in data:  # the owner removed the cluster itself (forked children may keep the pipe open)
             return
+    _kill_recorded(_read_registry(prefix))  # delay lines keep their namespace alive even once it is deleted
     _destroy_namespaces(_cluster_namespaces(prefix))
     _remove_registry(prefix)
 

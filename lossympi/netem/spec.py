@@ -1,4 +1,5 @@
-"""What a link should do: :class:`LinkSpec` (loss, rate, delay, jitter, reorder, duplicate) and :func:`parse_rate`."""
+"""What a link should do: :class:`LinkSpec` (loss, rate, delay, jitter, reorder, duplicate, Gilbert-Elliott loss)
+and :func:`parse_rate`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 __all__ = ["DIRECTIONS", "IMPAIRMENTS", "LinkSpec", "parse_rate"]
 
-IMPAIRMENTS = ("loss", "rate", "delay", "jitter", "reorder", "duplicate")
+IMPAIRMENTS = ("loss", "rate", "delay", "jitter", "reorder", "duplicate", "gemodel")
 """Impairment names, as used in :func:`capabilities` ``["unavailable"]`` and :attr:`Cluster.applied`."""
 DIRECTIONS = ("in", "out", "both")
 """Accepted values of :attr:`LinkSpec.direction`."""
@@ -81,15 +82,30 @@ class LinkSpec:
         veth (traffic the host sends) and on the bridge-side veth (traffic the host receives). Packets beyond
         :data:`TBF_LATENCY_SECONDS` of queue are dropped, as on a congested switch port.
     delay : float
-        One-way delay in seconds added to each packet (netem only).
+        One-way delay in seconds added to each packet: ``tc netem`` where the kernel has ``sch_netem``, otherwise
+        the NFQUEUE delay line at the host's ingress (:mod:`lossympi.netem.delayline`; direction ``"in"`` only).
     jitter : float
-        Random variation of the delay in seconds, ``delay +- jitter`` (netem only). netem sends packets in the order
-        of their delayed send time, so jitter reorders packets.
+        Random variation of the delay in seconds, uniform in ``delay +- jitter`` as netem draws it.
     reorder : float
-        Probability that a packet is sent immediately instead of being delayed, which reorders it (netem only;
-        requires ``delay > 0``).
+        Probability that a packet is sent immediately instead of being delayed, which reorders it (netem's
+        ``reorder``; requires ``delay > 0``).
     duplicate : float
         Probability that a packet is duplicated (netem only).
+    gemodel : tuple of 4 floats, optional
+        Correlated (bursty) loss, the Gilbert-Elliott model of netem's ``loss gemodel p r 1-h 1-k``: a two-state
+        Markov chain, good -> bad with probability ``p`` and bad -> good with ``r`` per packet, and a packet is
+        lost with probability ``1-h`` in the bad state and ``1-k`` in the good one. The mean loss is
+        ``(r (1-k) + p (1-h)) / (p + r)`` and a bad spell lasts ``1/r`` packets on average. Applied by netem, or by
+        the delay line (drop verdicts at the host's ingress); ``loss`` stays independent per packet (nftables).
+    jitter_reorders : bool
+        With jitter, packets leave in the order of their delayed send time, so jitter reorders them (netem's
+        behaviour, the default). ``False``: a packet is never released before the one ahead of it (the delay
+        line; netem has no such mode, so the delay line is used even where ``sch_netem`` exists).
+    queues : int
+        Netfilter queues of the delay line (``iptables --queue-balance``, one thread each; flows are hashed to
+        queues, so the order within a flow is kept).
+    fail_open : bool
+        When the delay line's kernel queue is full, let packets through undelayed instead of dropping them.
     direction : {"in", "out", "both"}
         Which packets ``loss``, ``delay``, ``jitter``, ``reorder`` and ``duplicate`` apply to: ``"in"`` packets
         entering the host (bridge -> host), ``"out"`` packets leaving it (host -> bridge), ``"both"`` each of them
@@ -109,6 +125,10 @@ class LinkSpec:
     reorder: float = 0.0
     duplicate: float = 0.0
     direction: str = "in"
+    gemodel: tuple[float, float, float, float] | None = None
+    jitter_reorders: bool = True
+    queues: int = 1
+    fail_open: bool = False
 
     def __post_init__(self) -> None:
         _check_probability("loss", self.loss)
@@ -122,6 +142,14 @@ class LinkSpec:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
         if self.reorder > 0 and self.delay <= 0:
             raise ValueError("reorder needs delay > 0: netem reorders by sending some packets without the delay")
+        if self.gemodel is not None:
+            if isinstance(self.gemodel, str | bytes) or len(self.gemodel) != 4:
+                raise ValueError(f"gemodel must be (p, r, 1-h, 1-k), got {self.gemodel!r}")
+            for name, value in zip(("p", "r", "1-h", "1-k"), self.gemodel, strict=True):
+                _check_probability(f"gemodel {name}", value)
+            object.__setattr__(self, "gemodel", tuple(float(x) for x in self.gemodel))
+        if isinstance(self.queues, bool) or not isinstance(self.queues, int) or not 1 <= self.queues <= 64:
+            raise ValueError(f"queues must be an integer in [1, 64], got {self.queues!r}")
 
     @property
     def rate_bps(self) -> float | None:

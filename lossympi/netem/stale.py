@@ -6,6 +6,7 @@ import contextlib
 import os
 from typing import Any
 
+from .lines import _kill_recorded
 from .namespaces import _cluster_namespaces, _destroy_namespaces, _list_netns
 from .registry import (
     _DEFAULT_CLUSTER_RE,
@@ -53,13 +54,14 @@ def list_clusters(prefix: str = DEFAULT_PREFIX) -> list[dict[str, Any]]:
 
 
 def destroy(prefix: str) -> int:
-    """Remove the cluster ``prefix`` (its namespaces, processes and registry entry), whoever owns it.
+    """Remove the cluster ``prefix`` (its namespaces, processes, delay lines and registry entry), whoever owns it.
 
     Returns
     -------
     int
         Number of namespaces removed.
     """
+    _kill_recorded(_read_registry(prefix))  # delay lines keep their namespace alive even once it is deleted
     removed = _destroy_namespaces(_cluster_namespaces(prefix))
     if not _cluster_namespaces(prefix):
         _remove_registry(prefix)
