@@ -124,3 +124,19 @@ def test_quick_lossy_runs_every_transport_in_an_emulated_cluster(tmp_path):
         assert rec["rerun"].endswith(f"{transport}-loss5.json")
         assert f"`{transport}`" in md
     assert (out / "results" / "lossy.png").exists()
+
+
+def test_scalability_points_follow_each_rules_bound():
+    """The seed's figure: every line where its bound allows it, and nowhere else (the full plan)."""
+    pts = R.scale_points(R.Plan.make(False))
+    real = {(r, f, t, n) for r, f, t, n, sim in pts if not sim}
+    sim = {(r, f, n) for r, f, t, n, s in pts if s}
+    assert ("multi-krum", 8, "lossympi", 18) not in real and ("multi-krum", 8, 63) in sim  # n >= 2f + 3 = 19
+    assert ("multi-krum", 4, "lossympi", 12) in real and ("multi-krum", 4, "lossympi", 9) not in real
+    assert ("bulyan", 2, "lossympi", 12) in real and ("bulyan", 1, "lossympi", 6) not in real  # n >= 4f + 3
+    assert ("draco", 4, "lossympi", 9) in real and ("draco", 4, "lossympi", 12) not in real  # n multiple of 2f + 1
+    assert {("average", 0, "tcp", 3), ("average", 0, "mpi", 18)} <= real
+    assert all(t == "simulated" for r, f, t, n, s in pts if s)
+    assert R.useful_gradients("draco", 9, 1) == 3 and R.useful_gradients("bulyan", 9, 1) == 9
+    spec = R.scale_spec(R.Plan.make(False), ("average", 0, "mpi", 6, False), 0)
+    assert spec.config["launcher"] == "mpi" and spec.harness["launcher"] == "mpiexec"
