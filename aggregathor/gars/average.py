@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from aggregathor.gars import _scaling
 from aggregathor.gars.base import GAR, register
 
 
@@ -13,9 +14,14 @@ class Average(GAR):
 
     Any single Byzantine gradient moves it arbitrarily far (Blanchard et al., NeurIPS 2017, Lemma 1),
     so it tolerates ``f = 0`` only in theory; it is allowed with any ``f`` as the experiments' baseline.
+
+    Finite at any finite magnitude: the values are summed at the exact scale :math:`2^{-\lceil \log_2 n
+    \rceil}` (:func:`~aggregathor.gars._scaling.sum_scale`), so n values near float32's maximum do not
+    overflow; the limit is that values below about :math:`2^{-120}` (7.5e-37) in magnitude may be flushed to 0.
     """
 
     name = "average"
 
     def aggregate(self, x: tf.Tensor) -> tf.Tensor:
-        return tf.reduce_mean(x, axis=0)
+        scale = tf.constant(_scaling.sum_scale(self.n), x.dtype)
+        return tf.reduce_mean(x * scale, axis=0) / scale

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from aggregathor.gars import _scaling
 from aggregathor.gars.base import GAR, register
 
 
@@ -17,7 +18,9 @@ class AverageNaN(GAR):
     sending finite values (Blanchard et al., NeurIPS 2017, Lemma 1). ``nan_robust``: with at most ``f``
     non-finite values per coordinate and ``n > f``, at least one finite value remains.
 
-    One fused pass: per row a select and a count, no reduction op.
+    One fused pass: per row a select and a count, no reduction op. The values are summed at the exact
+    scale :math:`2^{-\lceil \log_2 n \rceil}` (:func:`~aggregathor.gars._scaling.sum_scale`): no overflow
+    at any finite magnitude; values below about :math:`2^{-120}` (7.5e-37) in magnitude may be flushed to 0.
     """
 
     name = "average-nan"
@@ -28,11 +31,12 @@ class AverageNaN(GAR):
 
     def aggregate(self, x: tf.Tensor) -> tf.Tensor:
         zero = tf.zeros([], x.dtype)
+        scale = tf.constant(_scaling.sum_scale(self.n), x.dtype)
         total = None
         count = None
         for row in tf.unstack(x, axis=0):
             fin = tf.math.is_finite(row)
-            v, c = tf.where(fin, row, zero), tf.cast(fin, x.dtype)
+            v, c = tf.where(fin, row * scale, zero), tf.cast(fin, x.dtype)
             total = v if total is None else total + v
             count = c if count is None else count + c
-        return total / count  # 0 / 0 = NaN where no value is finite
+        return total / count / scale  # 0 / 0 = NaN where no value is finite

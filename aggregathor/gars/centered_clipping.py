@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from aggregathor.gars import _distances
+from aggregathor.gars import _distances, _scaling
 from aggregathor.gars.base import GAR, register
 
 _CENTERS = ("median", "zero", "previous")
@@ -40,6 +40,14 @@ class CenteredClipping(GAR):
     centred on :math:`v_0` (blocked, exact float64 products); for :math:`L = 1` only its diagonal (no
     product). The iterations update the ``(n,)`` vector :math:`b`; the data is read three times whatever
     :math:`L` (the median start, the Gram, the fused combination :math:`v_0 + \sum_j b_j (G_j - v_0)`).
+
+    Any finite magnitude: the combination is computed as :math:`v_0 + \sum_j (G_j/2 - v_0/2)(2 b_j)` with
+    each :math:`2 b_j` applied as two float32 factors (:func:`~aggregathor.gars._scaling.centred_combination`):
+    :math:`\tau / \|G_j - v_0\|` for a row of norm 1e38 is below float32's smallest normal number, yet the
+    row still moves the result by :math:`\tau / n`. For :math:`L = 1` a distance whose float32 difference
+    :math:`G_j - v_0` overflows (opposite signs near the maximum) is recomputed on the halved rows (a second
+    pass, only then); for :math:`L > 1` the Gram is float64. Limit: values below about 1e-38 in magnitude
+    count as 0.
     """
 
     name = "centered-clipping"
@@ -102,6 +110,9 @@ class CenteredClipping(GAR):
         tau = tf.constant(self.tau, tf.float64)
         if self.iterations == 1:
             g = _distances.centred_gram(x, centre=c, precise=True, diag_only=True)
+            # x_i - c overflows float32 for finite values of opposite signs near the maximum: +inf there
+            # (a NaN row gives NaN). Recompute on the halved data (exact), only when it happens.
+            g = tf.cond(tf.reduce_any(tf.math.is_inf(g)), lambda: self._halved_sq_norms(x, c, g), lambda: g)
             ok = tf.math.is_finite(g)
             zero = tf.zeros_like(g)
             s = tf.where(ok, tf.minimum(tau / tf.sqrt(tf.where(ok, g, zero)), 1.0), zero)
@@ -120,10 +131,17 @@ class CenteredClipping(GAR):
             b = b * (1.0 - tf.reduce_sum(s) / n) + s / n
         return b
 
+    @staticmethod
+    def _halved_sq_norms(x: tf.Tensor, c: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
+        """``g`` with its ``+inf`` entries recomputed as ``4 ||x_i/2 - c/2||^2`` (float64)."""
+        half = tf.constant(0.5, x.dtype)
+        g2 = 4.0 * _distances.centred_gram(x * half, centre=c * half, precise=True, diag_only=True)
+        return tf.where(tf.math.is_inf(g), g2, g)
+
     def aggregate(self, x: tf.Tensor) -> tf.Tensor:
         self.check()
         c = self._start(x)
-        out = _distances.centred_combination(x, c, self.weights(x, c))
+        out = _scaling.centred_combination(x, c, self.weights(x, c))
         if isinstance(self.center, str) and self.center == "previous":
             out = tf.identity(out)
             with tf.control_dependencies([self.state(int(x.shape[1]), x.dtype).assign(out)]):

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from aggregathor.gars import _distances
+from aggregathor.gars import _distances, _scaling
 from aggregathor.gars.base import GAR, register
 
 
@@ -42,6 +42,12 @@ class GeometricMedian(GAR):
     float64 products (``precise=True``: the iterate may approach a row, where a float32 Gram would lose the
     distance). The iterations run on ``(n,)`` weight vectors; the data is read twice in all (the blocked
     Gram, then one fused weighted sum), whatever the number of iterations.
+
+    Any finite magnitude: the Gram is float64 (a row of 3e38 squares to 9e76), and the final weights are
+    applied as two float32 factors each (:func:`~aggregathor.gars._scaling.weighted_sum`): the weight of a
+    row at distance 1e38 is below float32's smallest normal number, yet its contribution is not 0. Limits:
+    a weight below :math:`2^{-250}` (a row farther than about 1e75 times the honest spread, impossible in
+    float32) or a value below about 1e-38 in magnitude counts as 0.
     """
 
     name = "geometric-median"
@@ -91,6 +97,6 @@ class GeometricMedian(GAR):
     def aggregate(self, x: tf.Tensor) -> tf.Tensor:
         self.check()
         a = self.weights(x)
-        out = _distances.weighted_sum(x, a)
+        out = _scaling.weighted_sum(x, a)
         none = tf.logical_not(tf.reduce_all(tf.math.is_finite(a)))  # no finite row at all: 0/0 weights
         return tf.where(none, tf.constant(float("nan"), x.dtype), out)

@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from aggregathor._registry import Registry
-from aggregathor.gars import _distances
+from aggregathor.gars import _distances, _scaling
 from aggregathor.gars.base import GAR, registry
 from aggregathor.tracing import per_object_function
 
@@ -116,6 +116,21 @@ class Wrapper:
 
 
 # ----------------------------------------------------------------------------------------------- NNM
+def _sq_distances_any_magnitude(x: tf.Tensor, ref_rows: int) -> tf.Tensor:
+    """:func:`~aggregathor.gars._distances.pairwise_sq_distances`, recomputed with float64 products when a
+    squared norm overflowed (``G_ii = +inf``; a row holding a NaN gives NaN and does not trigger it)."""
+    gram = _distances.centred_gram(x, ref_rows=ref_rows)
+
+    def fast() -> tf.Tensor:
+        return _distances.distances_from_gram(gram, float(np.finfo(x.dtype.as_numpy_dtype).eps) / 2)[0]
+
+    def precise() -> tf.Tensor:
+        wide = _distances.centred_gram(x, ref_rows=ref_rows, precise=True)
+        return _distances.distances_from_gram(wide, float(np.finfo(np.float64).eps) / 2)[0]
+
+    return tf.cond(tf.reduce_any(tf.math.is_inf(tf.linalg.diag_part(gram))), precise, fast)
+
+
 @register_wrapper
 class NNM(Wrapper):
     r"""Nearest-neighbour mixing: row :math:`i` becomes the mean of its :math:`n - f` nearest rows (itself
@@ -128,6 +143,12 @@ class NNM(Wrapper):
     ``(n, n) @ (n, d)`` matmul (:func:`~aggregathor.gars._distances.mix_rows`). A non-finite row is at distance
     :math:`+\infty` from all, never a finite row's neighbour while at most ``f`` rows are non-finite, and
     becomes a row of NaN.
+
+    Any finite magnitude: a finite row whose squared norm around the centre overflows the float32 product
+    (norm above about 1.8e19) would read as non-finite; when some ``G_ii`` is ``+inf`` the Gram is recomputed
+    with float64 products (exact, no overflow: a second pass, only then; also when a row holds an
+    infinity). The mixing weighs each row by :math:`1/(n-f)` before adding: no overflow. Limit: the
+    float32 Gram's rounding (see :mod:`~aggregathor.gars._distances`) still decides near ties.
     """
 
     name = "nnm"
@@ -137,7 +158,7 @@ class NNM(Wrapper):
         self._require(self.n > self.f, "n > f")
 
     def transform(self, x: tf.Tensor) -> tf.Tensor:
-        dist = _distances.pairwise_sq_distances(x, ref_rows=2 * self.f + 1)
+        dist = _sq_distances_any_magnitude(x, 2 * self.f + 1)
         ok = tf.math.is_finite(tf.linalg.diag_part(dist))
         k = self.n - self.f
         nearest = tf.math.top_k(-dist, k=k, sorted=True).indices  # stable: ties -> lowest index
@@ -209,10 +230,12 @@ class Bucketing(Wrapper):
         out = []
         for start in range(0, n, self.s):
             members = range(start, min(start + self.s, n))
-            total = _distances.take_row(x, perm[members[0]])
+            # summed at the scale 2^-ceil(log2 s) (exact): a bucket of huge rows cannot overflow
+            scale = tf.constant(_scaling.sum_scale(len(members)), x.dtype)
+            total = _distances.take_row(x, perm[members[0]]) * scale
             for j in members[1:]:
-                total = total + _distances.take_row(x, perm[j])
-            out.append(total / tf.cast(len(members), x.dtype))
+                total = total + _distances.take_row(x, perm[j]) * scale
+            out.append(total / tf.cast(len(members), x.dtype) / scale)
         return tf.stack(out)
 
 
@@ -222,18 +245,6 @@ def _clip_scales(norm: tf.Tensor, bound: tf.Tensor) -> tf.Tensor:
     ok = tf.math.is_finite(norm)
     scale = tf.where(norm <= bound, tf.ones_like(norm), bound / norm)
     return tf.where(ok, scale, tf.constant(float("nan"), tf.float64))
-
-
-def _scale_rows(x: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
-    return x * tf.cast(scale, x.dtype)[:, None]
-
-
-def _scale_rows_fused(x: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
-    """``_scale_rows`` written row by row, for use inside an XLA cluster: XLA folds ``stack`` then ``unstack``
-    away and fuses each scaled row into its users, where a broadcast product with n users would be
-    written to memory first (2.5 times slower before a median at d = 1e7)."""
-    scale = tf.cast(scale, x.dtype)
-    return tf.stack([x[i] * scale[i] for i in range(int(x.shape[0]))])
 
 
 @register_wrapper
@@ -262,10 +273,10 @@ class Clipping(Wrapper):
         return _clip_scales(_distances.row_norms(x), tf.constant(self.c, tf.float64))
 
     def apply(self, x: tf.Tensor, aux: tf.Tensor | None) -> tf.Tensor:
-        return _scale_rows(x, aux)
+        return _scaling.scale_rows(x, aux)
 
     def apply_fused(self, x: tf.Tensor, aux: tf.Tensor | None) -> tf.Tensor:
-        return _scale_rows_fused(x, aux)
+        return _scaling.scale_rows_fused(x, aux)
 
 
 @register_wrapper
@@ -300,10 +311,10 @@ class ARC(Wrapper):
         return _clip_scales(norm, bound)
 
     def apply(self, x: tf.Tensor, aux: tf.Tensor | None) -> tf.Tensor:
-        return _scale_rows(x, aux)
+        return _scaling.scale_rows(x, aux)
 
     def apply_fused(self, x: tf.Tensor, aux: tf.Tensor | None) -> tf.Tensor:
-        return _scale_rows_fused(x, aux)
+        return _scaling.scale_rows_fused(x, aux)
 
 
 # ----------------------------------------------------------------------------------------- composition
