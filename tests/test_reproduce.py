@@ -121,6 +121,9 @@ def test_quick_lossy_runs_every_transport_in_an_emulated_cluster(tmp_path):
         assert "error" not in rec, rec.get("error")
         assert rec["harness"]["netem"]["loss"] == 0.05 and rec["config"]["loss"] == 0.0
         assert rec["netem_cluster"]["hosts"][0]["applied"].get("loss")
+        # every host delays what it receives (RTT 2 ms), with the emulator the kernel allows
+        assert all(h["applied"].get("delay") in ("netem", "nfqueue") and h["link"]["delay"] == 0.001
+                   for h in rec["netem_cluster"]["hosts"])
         assert rec["rerun"].endswith(f"{transport}-loss5.json")
         assert f"`{transport}`" in md
     assert (out / "results" / "lossy.png").exists()
@@ -140,3 +143,13 @@ def test_scalability_points_follow_each_rules_bound():
     assert R.useful_gradients("draco", 9, 1) == 3 and R.useful_gradients("bulyan", 9, 1) == 9
     spec = R.scale_spec(R.Plan.make(False), ("average", 0, "mpi", 6, False), 0)
     assert spec.config["launcher"] == "mpi" and spec.harness["launcher"] == "mpiexec"
+
+
+def test_lossy_links_with_delay_put_one_lossy_delayed_hop_on_every_path():
+    """With a delay every host delays and drops what it receives (RTT = 2 x delay); without, the loss sits on
+    the server's link only, in both directions; every host is set so that no impairment outlives its run."""
+    with_delay = R.netem_links({"host": 0, "loss": 0.05, "direction": "both", "delay": 0.001}, 3)
+    assert with_delay == {h: {"loss": 0.05, "delay": 0.001, "direction": "in"} for h in range(3)}
+    plain = R.netem_links({"host": 0, "loss": 0.05, "direction": "both", "delay": 0.0}, 3)
+    assert plain == {0: {"loss": 0.05, "direction": "both"}, 1: {}, 2: {}}
+    assert R.Plan.make(False).lossy_delay == 0.001 and 0.10 in R.Plan.make(False).lossy_losses

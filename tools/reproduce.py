@@ -104,8 +104,9 @@ class Plan:
     lossy_steps: int = 300
     lossy_eval_every: int = 15
     lossy_transports: tuple[str, ...] = ("lossympi", "tcp", "grpc")
-    lossy_losses: tuple[float, ...] = (0.0, 0.05)
-    lossy_direction: str = "both"
+    lossy_losses: tuple[float, ...] = (0.0, 0.05, 0.10)
+    lossy_direction: str = "both"  # where the loss sits when there is no delay (the server's link)
+    lossy_delay: float = 0.001  # one-way delay (s) at every host's ingress: RTT 2 ms, the paper's regime
     lossy_target: float = 0.90
     lossy_injected: bool = True  # also lossympi with the same loss injected on a clean network (a diagnostic)
     # scalability (the seed's figure: real processes on loopback, then simulated up to 64 workers)
@@ -314,6 +315,20 @@ def start_mpiexec(cfg: dict[str, Any], *, timeout: float = RUN_TIMEOUT) -> dict[
     return json.loads(Path(cfg["json_out"]).read_text())
 
 
+def netem_links(netem: dict[str, Any], hosts: int) -> dict[int, dict[str, Any]]:
+    """The LinkSpec fields of every host of a lossy run (every host is set, so nothing stays from a previous run).
+
+    Without delay the loss sits on ``netem["host"]``'s link in ``netem["direction"]``. With a delay, every host
+    delays what it receives (the delay line sits at a host's ingress, so the RTT is twice the delay), and the
+    loss is on every host's ingress too: in a star (workers talk to the server only) each packet then crosses
+    exactly one lossy hop, as with the loss on both directions of the server's link."""
+    delay = float(netem.get("delay") or 0.0)
+    if delay == 0:
+        return {h: ({"loss": netem["loss"], "direction": netem["direction"]} if h == netem["host"] else {})
+                for h in range(hosts)}
+    return {h: {"loss": netem["loss"], "delay": delay, "direction": "in"} for h in range(hosts)}
+
+
 class NetemCluster:
     """A lazily built ``lossympi.netem.Cluster``, rebuilt when a run needs more hosts."""
 
@@ -402,7 +417,8 @@ def execute(spec: RunSpec, scratch: Path, quiet_wait: float = 0.0, quiet_thresho
             from lossympi.netem import LinkSpec
 
             cluster = _NETEM.get(netem["hosts"])
-            cluster.set_link(netem["host"], LinkSpec(loss=netem["loss"], direction=netem["direction"]))
+            for host, link in netem_links(netem, cluster.n_hosts).items():
+                cluster.set_link(host, LinkSpec(**link))
             record["netem_cluster"] = cluster.describe()
             summary = start_ranks(cfg, cluster=cluster)
         elif launcher == "mpiexec":
@@ -821,7 +837,8 @@ def part_lossy(s: Session) -> dict[str, Any]:
         cfg = {"experiment": "digits", "gar": p.lossy_rule, "workers": p.lossy_workers, "f": p.lossy_f,
                "byzantine": 0, "steps": p.lossy_steps, "eval_every": p.lossy_eval_every, "checkpoint_every": 0,
                "loss": injected, "transport": transport, "seed": p.seed, "launcher": "local"}
-        netem = {"hosts": p.lossy_workers + 1, "host": 0, "loss": loss, "direction": p.lossy_direction}
+        netem = {"hosts": p.lossy_workers + 1, "host": 0, "loss": loss, "direction": p.lossy_direction,
+                 "delay": p.lossy_delay}
         name = f"{transport}-loss{round(100 * loss)}" + (f"-injected{round(100 * injected)}" if injected else "")
         specs.append(RunSpec("lossy", name, cfg, {"launcher": "ranks", "netem": netem},
                              {"transport": label, "loss": max(loss, injected), "network_loss": loss,
@@ -863,11 +880,8 @@ def part_lossy(s: Session) -> dict[str, Any]:
     lines = [
         f"Setup: an emulated cluster of **{p.lossy_workers + 1} hosts** (`lossympi.netem`: one network namespace per "
         f"rank on one bridge, veth links, no rate limit), rank i on host i, each rank started as `python -m "
-        f"aggregathor._rank CONFIG --quiet` with the env:// rendezvous on the server's address. Packet loss "
-        f"**{', '.join(_pct(x) for x in p.lossy_losses if x)}** on the parameter server's link, direction "
-        f"`{p.lossy_direction}` (backend: {backend}): every datagram or TCP segment of the step traffic crosses "
-        "that link exactly once (gradients in, parameters out), so each is dropped with probability exactly the "
-        "loss, independently; the control channel and TCP/gRPC's retransmissions cross it too. lossympi runs with "
+        f"aggregathor._rank CONFIG --quiet` with the env:// rendezvous on the server's address. "
+        + lossy_network_text(p, backend) + " lossympi runs with "
         "`--loss 0` (no injected loss: only the network's). Training: `digits`, "
         f"`--gar {p.lossy_rule} --f {p.lossy_f}`, no Byzantine worker, {p.lossy_steps} steps, evaluation every "
         f"{p.lossy_eval_every} steps, seed {p.seed}, the default 2 s deadline cap and `--fill zero`. "
@@ -888,6 +902,21 @@ def part_lossy(s: Session) -> dict[str, Any]:
 
 
 INJECTED = "lossympi (injected)"
+
+
+def lossy_network_text(p: Plan, backend: str) -> str:
+    losses = ", ".join(_pct(x) for x in p.lossy_losses if x)
+    if not p.lossy_delay:
+        return (f"Packet loss **{losses}** on the parameter server's link, direction `{p.lossy_direction}` (backend: "
+                f"{backend}): every datagram or TCP segment of the step traffic crosses that link exactly once "
+                "(gradients in, parameters out), so each is dropped with probability exactly the loss, "
+                "independently; the control channel and TCP/gRPC's retransmissions cross it too.")
+    return (f"Every host delays what it receives by **{1000 * p.lossy_delay:g} ms** (RTT "
+            f"{2000 * p.lossy_delay:g} ms; `lossympi.netem`'s delay line where the kernel has no `sch_netem`) and "
+            f"drops it with probability **{losses}** (backend: {backend}), independently per packet: the workers "
+            "talk to the server only, so every datagram or TCP segment of the step traffic (gradients in, "
+            "parameters out), of the control channel and of TCP/gRPC's retransmissions crosses exactly one lossy, "
+            "delayed hop, as with the loss on both directions of the server's link.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1007,7 +1036,7 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 TITLES = {"robustness": "(a) Robustness: one Byzantine worker", "overhead": "(b) Overhead of the robust rules",
-          "lossy": "(c) Lossy links: 5% packet loss", "scalability": "(d) Scalability"}
+          "lossy": "(c) Lossy, delayed links", "scalability": "(d) Scalability"}
 
 
 def update_markdown(path: Path, blocks: dict[str, str]) -> None:
