@@ -57,7 +57,8 @@ from aggregathor.steplog import JsonLines, StepRecord
 from aggregathor.summary import RunCounters, RunSummary
 from aggregathor.transport.base import ProtocolEvents, ServerTransport
 
-__all__ = ["Aggregation", "ParameterServer", "RowSubsetRules", "build_optimizer", "run_server"]
+__all__ = ["Aggregation", "ParameterServer", "RowSubsetRules", "build_optimizer", "positional_rows",
+           "run_server"]
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,9 @@ class RowSubsetRules:
 
     A rebuilt rule has the same name and options (``pre=`` wrappers, Multi-Krum's ``m``, ...) as the run's and the
     same ``f``: :func:`aggregathor.gars.get` ``(name, n', f, **options)``. Its bound is checked once per ``n'``
-    (``check()``); an ``n'`` out of the rule's reach is cached too, with the reason.
+    (``check()``); an ``n'`` out of the rule's reach is cached too, with the reason. A rule whose rows are
+    positional (``positional_rows``: Draco's groups of consecutive workers) is never rebuilt: for it every
+    ``n' < n`` is out of reach.
 
     Parameters
     ----------
@@ -94,6 +97,8 @@ class RowSubsetRules:
         The number of Byzantine workers tolerated.
     options : dict
         The rule's options (``--gar-options``), ``pre`` included.
+    positional : bool
+        The rule's rows are positional (:func:`positional_rows` of the rule built for ``n``).
 
     Examples
     --------
@@ -102,8 +107,8 @@ class RowSubsetRules:
     (3, True, True)
     """
 
-    def __init__(self, name: str, n: int, f: int, options: dict[str, Any]) -> None:
-        self.name, self.n, self.f, self.options = name, n, f, dict(options)
+    def __init__(self, name: str, n: int, f: int, options: dict[str, Any], *, positional: bool = False) -> None:
+        self.name, self.n, self.f, self.options, self.positional = name, n, f, dict(options), positional
         self.cache: dict[int, tuple[gars.GAR | None, str]] = {}
         self._buffer: np.ndarray | None = None  # (n - 1, d): the rows that arrived, first n' rows used
 
@@ -112,6 +117,9 @@ class RowSubsetRules:
         if not 0 < rows < self.n:
             raise ValueError(f"a reduced step has 1 to {self.n - 1} rows, got {rows}")
         got = self.cache.get(rows)
+        if got is None and self.positional:
+            got = self.cache[rows] = (None, f"{self.name}'s rows are positional (row i is worker i + 1's): it is "
+                                            "not rebuilt for the rows that arrived")
         if got is None:
             try:
                 got = (gars.get(self.name, rows, self.f, **self.options), "")
@@ -130,6 +138,12 @@ class RowSubsetRules:
         out = self._buffer[:count]
         np.take(rows, np.flatnonzero(arrived), axis=0, out=out)
         return out
+
+
+def positional_rows(rule: gars.GAR) -> bool:
+    """Whether ``rule`` (or the rule behind its wrappers) needs row ``i`` to be worker ``i + 1``'s."""
+    return bool(getattr(rule, "positional_rows", False) or getattr(getattr(rule, "inner", None), "positional_rows",
+                                                                   False))
 
 
 class Aggregation(NamedTuple):
@@ -192,7 +206,8 @@ class ParameterServer:
         self.view = experiments.flat_view(self.model)
         self.update = self.view.update_fn(self.optimizer)
         self.rule = gars.get(cfg.gar, cfg.workers, cfg.f, **cfg.gar_options)
-        self.subsets = RowSubsetRules(cfg.gar, cfg.workers, cfg.f, cfg.gar_options)  # steps with missing rows
+        self.subsets = RowSubsetRules(cfg.gar, cfg.workers, cfg.f, cfg.gar_options,  # steps with missing rows
+                                      positional=positional_rows(self.rule))
         # what travels: the parameters (gradient) then the model's state (aggregathor.state)
         self.theta = np.zeros(self.view.wire_size, np.float32)
         self.rows = np.zeros((cfg.workers + 1, self.view.wire_size), np.float32)  # row r: worker r's message

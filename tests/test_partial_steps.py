@@ -70,6 +70,30 @@ def test_the_rule_is_rebuilt_with_its_options_and_cached_by_the_rows_that_arrive
         rules.rule(9)
 
 
+def test_a_rule_of_positional_rows_is_never_rebuilt() -> None:
+    """Draco's groups are consecutive workers: 6 of 9 rows (a multiple of 2f + 1) in arbitrary places would mix
+    groups, so no n' < n is in reach (the step is full within f missing, else skipped)."""
+    from aggregathor import gars
+    from aggregathor.server import positional_rows
+
+    assert positional_rows(gars.get("draco", 9, 1)) and not positional_rows(gars.get("median", 9, 1))
+    assert gars.get("draco", 6, 1).n == 6  # its bound alone would allow 6 rows
+    rules = RowSubsetRules("draco", 9, 1, {}, positional=True)
+    none, why = rules.rule(6)
+    assert none is None and "positional" in why, why
+
+
+def test_the_server_does_not_rebuild_draco(tmp_path: Path) -> None:
+    server = _server(tmp_path, gar="draco", workers=9)
+    rows = server.rows[1:, :server.view.size]
+    rows[...] = np.random.default_rng(2).normal(size=rows.shape)
+    arrived = np.ones(9, bool)
+    arrived[[1, 4, 8]] = False  # three workers of three groups
+    assert server.aggregate(0, arrived) == ("skipped", 0, "bound")
+    arrived[[1, 4]] = True  # one missing, within f: the rule for 9 on every row (its group falls back to the median)
+    assert server.aggregate(1, arrived) == ("full", 9, "")
+
+
 def test_the_rows_that_arrived_are_copied_in_order_into_one_reused_buffer() -> None:
     rules = RowSubsetRules("median", 5, 1, {})
     wide = np.arange(5 * 6, dtype=np.float32).reshape(5, 6)

@@ -11,6 +11,8 @@ Conventions every rule follows:
   ``tf.stack``/``tf.gather`` of the whole ``(n, d)`` where a weighted sum does the job.
 - ``check()`` raises ``ValueError`` naming the bound that ``(n, f)`` violates.
 - ``nan_robust = True`` documents that the rule never returns NaN while at most ``f`` rows are non-finite.
+- ``positional_rows = True`` (Draco's groups of consecutive workers) says row ``i`` must be worker ``i + 1``'s: the
+  server never rebuilds such a rule for the rows that arrived in a step (:class:`aggregathor.server.RowSubsetRules`).
 - A numpy reference written straight from the paper lives in :mod:`aggregathor.gars.reference`, apart
   from the fast path; the tests compare the two.
 """
@@ -73,6 +75,7 @@ class GAR:
 
     name: ClassVar[str] = ""
     nan_robust: ClassVar[bool] = False
+    positional_rows: ClassVar[bool] = False
     jit_compile: ClassVar[bool] = True
 
     def __init__(self, n: int, f: int, **kwargs: Any) -> None:

@@ -62,6 +62,7 @@ class Draco(GAR):
 
     name = "draco"
     nan_robust = True
+    positional_rows = True  # the groups are rows g r .. (g + 1) r - 1: never rebuilt for a subset of the rows
 
     @property
     def groups(self) -> int:
