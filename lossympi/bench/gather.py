@@ -4,7 +4,10 @@ For every ``n`` (senders) and ``d`` (float32 elements per sender), one :class:`l
 ``n + 1`` hosts is built (network namespaces on one bridge; the root is host 0). The root's link drops each
 packet *entering* the root with probability ``loss`` (nftables; :meth:`Cluster.set_link` between loss levels),
 so every datagram or TCP segment of the gather is lost with probability ``loss``: TCP retransmits, lossympi
-does not. The same gather of ``n`` rows of ``d`` float32 into an ``(n + 1, d)`` buffer at the root is done by:
+does not. With ``--delay-ms D`` every host's link also delays what the host receives by ``D`` ms (netem, or the
+NFQUEUE delay line of :mod:`lossympi.netem.delayline` at each host's ingress), so the RTT between two hosts is
+``2 D``; ``--jitter-ms`` adds a uniform +-J (``--no-reorder`` keeps the order).
+The same gather of ``n`` rows of ``d`` float32 into an ``(n + 1, d)`` buffer at the root is done by:
 
 - **lossympi**: one process per host, bootstrapped with :func:`lossympi.bootstrap.from_env` (``LOSSYMPI_*``
   variables, rendezvous on the root), ``Comm.aio.Gather`` with a deadline and incast pacing
@@ -115,6 +118,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deadline-factor", type=float, default=4.0,
                    help="lossympi deadline = max(--min-deadline, factor x expected transfer time at the ingest rate)")
     p.add_argument("--min-deadline", type=float, default=1.0, help="lossympi deadline lower bound, seconds")
+    p.add_argument("--delay-ms", type=float, default=0.0,
+                   help="one-way delay of what every host receives, ms (RTT = 2 x D; netem or the NFQUEUE delay line)")
+    p.add_argument("--jitter-ms", type=float, default=0.0, help="uniform delay variation +-J ms on every link")
+    p.add_argument("--no-reorder", action="store_true", help="jitter keeps the order (default: reorders, as netem)")
     p.add_argument("--rate", default=None,
                    help="tc rate of every link, e.g. 10gbit (default: none, the veths run at CPU speed)")
     p.add_argument("--keep-gso", action="store_true",
@@ -291,11 +298,12 @@ class Group:
         for p in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=10)
-        # Workers are the only processes in the cluster's host namespaces (the cluster was built by this run).
+        # Workers and the delay lines are the only processes in the cluster's host namespaces (built by this run).
         ip = shutil.which("ip") or "/usr/sbin/ip"
+        lines = {str(pid) for pid in self.c.delay_line_pids()}
         for ns in self.c.hosts:
             out = subprocess.run([ip, "netns", "pids", ns], capture_output=True, text=True).stdout
-            for tok in out.split():
+            for tok in set(out.split()) - lines:
                 with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
                     os.kill(int(tok), signal.SIGKILL)
         for s in (self.conn, self.listener):
@@ -489,11 +497,21 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "ingest_bps": args.ingest_gbps * 1e9,
         "deadline_rule": f"max({args.min_deadline} s, {args.deadline_factor} x n*d*4*(1472/1424)*8/ingest_bps)",
         "cap_s": args.cap, "repeats": args.repeats, "rate": args.rate, "root_nice": args.root_nice,
+        "delay_ms": args.delay_ms, "jitter_ms": args.jitter_ms, "rtt_ms": 2 * args.delay_ms,
+        "jitter_reorders": not args.no_reorder,
         "mpi_env": mpi_env(args.mpi_provider, args.mpi_env),
         "baselines": "lossympi.baselines (tcp, grpc, mpi): the code of aggregathor --transport tcp|grpc|mpi",
         "loss_applied": "nftables drop of packets entering the root (direction 'in' on host 0's link)",
         "per_packet_loss": not args.keep_gso,
     }
+
+
+def _link(args: argparse.Namespace, loss: float = 0.0) -> Any:
+    """A host's link: ``loss`` (the root's), ``--rate``, and the delay of what the host receives (``--delay-ms``)."""
+    from lossympi.netem import LinkSpec
+
+    return LinkSpec(loss=loss, rate=args.rate, delay=args.delay_ms / 1e3, jitter=args.jitter_ms / 1e3,
+                    jitter_reorders=not args.no_reorder)
 
 
 def _load(files: str) -> dict[str, Any]:
@@ -552,20 +570,21 @@ class _Run:
 
     def configuration(self, n: int, d: int, losses: list[float], transports: list[str]) -> None:
         """Every transport at every loss level on one cluster of ``n + 1`` hosts."""
-        from lossympi.netem import Cluster, LinkSpec
+        from lossympi.netem import Cluster
 
         args = self.args
         t_nd = time.monotonic()
         meter_nd = CpuMeter()
         per: dict[float, dict[str, dict[str, Any]]] = {p: {} for p in losses}
         log(f"n={n} d={d}: building a cluster of {n + 1} hosts")
-        with Cluster(n + 1, link=LinkSpec(rate=args.rate), per_host={0: LinkSpec(loss=losses[0], rate=args.rate)},
-                     per_packet=not args.keep_gso) as c:
+        with Cluster(n + 1, link=_link(args), per_host={0: _link(args, losses[0])}, per_packet=not args.keep_gso,
+                     strict=args.delay_ms > 0) as c:
             self.cluster_info = c.describe()
             if not args.keep_gso:
                 self.cluster_info["offloads_root"] = c.offloads[0]
             for t in transports:
                 self.transport(c, t, n, d, losses, per)
+            self.cluster_info["delay_lines"] = c.delay_line_stats()  # kernel queue counters: drops = saturation
         contention = meter_nd.stop()
         for p in losses:
             self.records.append({**make_record(n, d, p, per[p], args), "contention": contention})
@@ -579,8 +598,6 @@ class _Run:
     def transport(self, c: Any, t: str, n: int, d: int, losses: list[float],
                   per: dict[float, dict[str, dict[str, Any]]]) -> None:
         """One transport's processes across the loss levels (restarted after a failure or a capped gather)."""
-        from lossympi.netem import LinkSpec
-
         group: Group | None = None
         start_failed: str | None = None
         try:
@@ -588,7 +605,7 @@ class _Run:
                 if start_failed is not None:  # do not wait for a broken launch at every level
                     per[p][t] = {"seconds": None, "capped": None, "error": start_failed}
                     continue
-                c.set_link(0, LinkSpec(loss=p, rate=self.args.rate))
+                c.set_link(0, _link(self.args, p))
                 t0 = time.monotonic()
                 try:
                     if group is None:
@@ -669,7 +686,8 @@ def _finish(result: dict[str, Any], host: dict[str, Any], meter: CpuMeter, mem: 
     caps = cluster_info.get("capabilities", {})
     result["cluster"] = {"capabilities": caps, "mtu": cluster_info.get("mtu"),
                          "segmentation_offloads_root": cluster_info.get("offloads_root"),
-                         "root_link_applied": (cluster_info.get("hosts") or [{}])[0].get("applied")}
+                         "root_link_applied": (cluster_info.get("hosts") or [{}])[0].get("applied"),
+                         "delay_lines": cluster_info.get("delay_lines")}
     result["errors"] = errors
     result["contention"] = meter.stop()
     result["elapsed_s"] = round(time.monotonic() - t_start, 1)

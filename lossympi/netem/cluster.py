@@ -494,6 +494,10 @@ class Cluster:
 
     # -- reporting -------------------------------------------------------------------------------------------
 
+    def delay_line_pids(self) -> set[int]:
+        """Process ids of this cluster's running delay lines (they live in the hosts' namespaces: leave them be)."""
+        return self._lines.pids()
+
     def delay_line_stats(self) -> dict[int, dict[str, int]]:
         """Host -> the kernel's counters of its delay line's queues (see :func:`lossympi.netem.lines.queue_stats`):
         ``queue_dropped`` and ``user_dropped`` grow when the line saturates; ``id_sequence`` counts the packets."""

@@ -116,9 +116,9 @@ class _DelayLines:
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._forwarders: dict[int, threading.Thread] = {}
 
-    def hosts(self) -> list[int]:
-        """Hosts whose delay line this handle started."""
-        return sorted(self._procs)
+    def pids(self) -> set[int]:
+        """Process ids of the delay lines this handle started and that still run."""
+        return {p.pid for p in self._procs.values() if p.poll() is None}
 
     def _record(self, host: int, proc: subprocess.Popen[bytes] | None) -> None:
         with contextlib.suppress(OSError):
