@@ -26,8 +26,14 @@ def result_line(summary: RunSummary) -> str:
     text = (f"{_score(summary)} after {summary.steps} steps in {summary.wall_seconds:.1f} s "
             f"({summary.steps_per_second:.1f} steps/s); lost {100 * summary.lost_chunk_fraction:.2f}% of gradient "
             f"chunks, {summary.lost_gradients} whole gradients")
+    if summary.reduced_updates:
+        text += f"; steps aggregated from the rows that arrived (rule rebuilt for n' < n): {summary.reduced_updates}"
     if summary.skipped_updates:
-        text += f"; updates skipped (aggregate not finite): {summary.skipped_updates}"
+        too_few = summary.skipped_too_few_rows
+        why = ", ".join(x for x in (f"too few rows for the rule's bound: {too_few}" if too_few else "",
+                                    f"aggregate not finite: {summary.skipped_updates - too_few}"
+                                    if summary.skipped_updates > too_few else "") if x)
+        text += f"; updates skipped: {summary.skipped_updates} ({why})"
     if summary.missing_workers:
         text += f"; worker-steps without a live worker: {summary.missing_workers}"
     if summary.resumed_from:

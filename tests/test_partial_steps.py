@@ -261,3 +261,15 @@ def test_steps_after_two_of_five_workers_are_killed_aggregate_the_three_left(tmp
     assert summary is not None and summary.max_missing_workers == 2
     assert summary.reduced_updates >= len(three) and summary.skipped_updates == summary.skipped_too_few_rows
     assert summary.accuracy > 0.8, summary.accuracy  # it kept learning
+
+
+def test_the_result_line_says_how_many_steps_were_reduced_and_why_updates_were_skipped():
+    from aggregathor.report import result_line
+    from aggregathor.summary import RunSummary
+
+    s = RunSummary(accuracy=0.9, loss=0.1, steps=10, wall_seconds=1.0, steps_per_second=10.0,
+                   lost_chunk_fraction=0.0, lost_gradients=0, rejected_datagrams=0, skipped_updates=3,
+                   skipped_too_few_rows=2, reduced_updates=4)
+    line = result_line(s)
+    assert "rule rebuilt for n' < n): 4" in line
+    assert "updates skipped: 3 (too few rows for the rule's bound: 2, aggregate not finite: 1)" in line
