@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU check (issue 14 requirement 5), meant to fit in five minutes on a machine with one NVIDIA GPU:
-#   1. install: a virtual environment with `pip install -e ".[gpu]"` (TensorFlow with CUDA; building the editable
-#      package compiles the Cython core, lossympi._core) plus the [train] extra's other needs (its tensorflow-cpu
-#      left out: it would shadow the CUDA build). Skipped with --no-install (the current python is used).
+#   1. install: a virtual environment with `pip install -e ".[gpu]"` (TensorFlow with CUDA and what training
+#      needs besides; building the editable package compiles the Cython core, lossympi._core). Skipped with
+#      --no-install (the current python is used).
 #   2. devices: nvidia-smi (when present) and TensorFlow's tf.config.list_physical_devices(); stops with one clear
 #      line when TensorFlow sees no GPU, unless --allow-cpu.
 #      Also the device of each training rule's output, called as the server calls it (TensorFlow's default
@@ -90,15 +90,7 @@ phase() {
 install() {
     [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -e ".[gpu]"
-    # the [train] extra's needs, without its tensorflow-cpu (it would replace the CUDA build) nor mpi
-    local extra
-    extra=$("$VENV/bin/python" -c '
-import re, tomllib
-deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["train"]
-print(" ".join(d for d in deps if not re.match(r"(tensorflow|aggregathor-reborn)\b", d)))')
-    # shellcheck disable=SC2086
-    "$VENV/bin/python" -m pip install $extra
+    "$VENV/bin/python" -m pip install -e ".[gpu]"  # TensorFlow with CUDA and the rest of what training needs
     "$VENV/bin/python" -c "import lossympi._core" || { echo "the Cython core (lossympi._core) was not built"; return 1; }
 }
 
