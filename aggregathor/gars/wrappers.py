@@ -180,7 +180,10 @@ class Bucketing(Wrapper):
 
     ``seed`` seeds a ``tf.random.Generator`` (a new permutation on every call, reproducible from the seed);
     ``permutation`` fixes the permutation instead (for tests and replays). One fused XLA pass: the buckets
-    are sums of dynamic row slices, the only write is the ``(n', d)`` output.
+    are sums of dynamic row slices, the only write is the ``(n', d)`` output. When a bucket's sum overflows
+    (rows near float32's maximum: a mean is not finite), the means are recomputed from the rows at the
+    exact scale :math:`2^{-\lceil \log_2 s \rceil}`: finite at any finite magnitude; then values below
+    about 1e-37 may be flushed to 0.
     """
 
     name = "bucketing"
@@ -227,15 +230,25 @@ class Bucketing(Wrapper):
             perm = tf.constant(self.permutation, tf.int32)
         else:
             perm = tf.cast(tf.argsort(self._gen.uniform([n], dtype=tf.float32)), tf.int32)
+        means = self._means(x, perm, 1.0)
+        # a bucket of huge rows overflowed: rerun at the exact scale 2^-ceil(log2 s), only then
+        return _scaling.finite_or(means, lambda: self._means(x, perm, _scaling.sum_scale(self.s)))
+
+    def _means(self, x: tf.Tensor, perm: tf.Tensor, scale: float) -> tf.Tensor:
+        """The buckets' means, the rows summed at ``scale`` (a power of two: exact)."""
+
+        def row(j: int) -> tf.Tensor:
+            r = _distances.take_row(x, perm[j])
+            return r if scale == 1.0 else r * tf.constant(scale, x.dtype)
+
         out = []
-        for start in range(0, n, self.s):
-            members = range(start, min(start + self.s, n))
-            # summed at the scale 2^-ceil(log2 s) (exact): a bucket of huge rows cannot overflow
-            scale = tf.constant(_scaling.sum_scale(len(members)), x.dtype)
-            total = _distances.take_row(x, perm[members[0]]) * scale
+        for start in range(0, self.n, self.s):
+            members = range(start, min(start + self.s, self.n))
+            total = row(members[0])
             for j in members[1:]:
-                total = total + _distances.take_row(x, perm[j]) * scale
-            out.append(total / tf.cast(len(members), x.dtype) / scale)
+                total = total + row(j)
+            mean = total / tf.cast(len(members), x.dtype)
+            out.append(mean if scale == 1.0 else mean / tf.constant(scale, x.dtype))
         return tf.stack(out)
 
 
