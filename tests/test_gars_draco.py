@@ -122,6 +122,30 @@ def test_median_fallback_with_a_byzantine_member() -> None:
     np.testing.assert_array_equal(out, ref.draco(np.stack([lossy, h, b]), 1))
 
 
+def test_a_group_that_lost_a_copy_and_disagrees_is_left_out() -> None:
+    """Group 1 = [h1 with a lost chunk (NaN), h1, Byzantine]: where the chunk was lost, its two values disagree
+    and it cannot decode (an erasure and a Byzantine member: two faults in a group of 3), so those coordinates
+    are group 0's alone; elsewhere both groups decode and the output is their mean."""
+    h = np.array([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]], np.float32)
+    lossy = h[1].copy()
+    lossy[:2] = np.nan
+    x = np.stack([h[0], h[0], h[0], lossy, h[1], np.full(4, -1e6, np.float32)])
+    out = np.asarray(draco(6, 1)(x))
+    np.testing.assert_array_equal(out, np.concatenate([h[0, :2], honest_mean(h)[2:]]))
+    np.testing.assert_array_equal(out, ref.draco(x, 1))
+    decoded, decodes = ref.draco_decode(x, 1)
+    assert decodes.tolist() == [[True] * 4, [False, False, True, True]]
+
+
+def test_finite_copies_that_differ_decode_by_their_median() -> None:
+    """Group 0's three finite copies all differ (the members' parameters differed): no majority, but the median of
+    2f + 1 finite values lies in the honest range, so the group counts in the mean with it."""
+    g0 = np.array([[1.0, 10.0], [2.0, 30.0], [3.0, 20.0]], np.float32)
+    h1 = np.array([7.0, 8.0], np.float32)
+    x = np.concatenate([g0, np.stack([h1, h1, -h1])])
+    np.testing.assert_array_equal(np.asarray(draco(6, 1)(x)), honest_mean(np.stack([[2.0, 20.0], h1])))
+
+
 def test_no_finite_majority_falls_back() -> None:
     """f + 1 equal but non-finite rows are no majority: the median of the finite values decides."""
     h = np.array([1.0, 2.0], np.float32)
@@ -179,6 +203,9 @@ def test_reference_by_hand() -> None:
     np.testing.assert_array_equal(ref.draco(x, 1), [2.0])
     with pytest.raises(ValueError, match="multiple of 2f"):
         ref.draco(x[:5], 1)
+    y = np.array([[np.nan], [1.0], [9.0], [2.0], [2.0], [2.0]])  # group 0 cannot decode: group 1 alone
+    np.testing.assert_array_equal(ref.draco(y, 1), [2.0])
+    np.testing.assert_array_equal(ref.draco(y[:3], 1), [5.0])  # no group decodes: the finite medians
 
 
 # ================================================================================ the data assignment

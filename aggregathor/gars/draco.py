@@ -35,29 +35,38 @@ class Draco(GAR):
 
     The n rows form :math:`G = n / r` groups of :math:`r = 2f + 1` consecutive rows (workers ``g r + 1 ..
     (g + 1) r`` are group ``g``; :func:`aggregathor.assignment.data_assignment` gives them one shard and one
-    batch seed, so the honest members send bitwise-equal gradients). Each group is decoded by majority:
+    batch seed, so the honest members send bitwise-equal gradients). Each group is decoded by majority, on the
+    bits of each coordinate :math:`j` (a row held by :math:`f + 1` members is a majority in every coordinate):
 
-    .. math:: \hat g_g = x_i \text{ for any } i \in g \text{ with }
-              |\{j \in g : x_j \equiv x_i\}| \ge f + 1 \text{ and } x_i \text{ finite},
+    .. math:: \hat g_{g,j} = x_{i,j} \text{ for any } i \in g \text{ with }
+              |\{k \in g : x_{k,j} \equiv x_{i,j}\}| \ge f + 1 \text{ and } x_{i,j} \text{ finite}.
 
-    where :math:`\equiv` compares the bits of the whole row. With at most :math:`f` Byzantine members and
-    :math:`f + 1` honest ones, that row is the honest gradient (two distinct values cannot both reach
-    :math:`f + 1` votes out of :math:`2f + 1`). When no finite row has a majority (the transport lost chunks of
-    some copies, which were then NaN- or zero-filled, or the members' parameters differed), the group falls
-    back to the NaN-aware coordinate-wise median of its :math:`r` rows (:func:`~aggregathor.gars._sortnet.
-    nan_median`), which lies in the range of the group's honest values while at most :math:`f` values of a
-    coordinate are Byzantine or non-finite. The output is :math:`\frac1G \sum_g \hat g_g`, computed as
-    :math:`(\sum_g s\,\hat g_g) \cdot b` in group order (:func:`mean_factors`: ``s`` an exact power of two, so no
-    sum of finite values overflows, even near float32's maximum; limit: values below about :math:`2^{-120}` in
-    magnitude may be flushed to 0 by that scaling, as in the other rules).
+    With at most :math:`f` Byzantine members that value is an honest one (:math:`f + 1` holders include an
+    honest member, and two distinct values cannot both have :math:`f + 1` holders out of :math:`2f + 1`), and
+    without loss it is *the* honest gradient's, bit for bit. Where no value has a majority (the transport lost
+    chunks of some copies, NaN- or zero-filled by ``--fill``, or the members' parameters differed), the group
+    falls back to the NaN-aware coordinate-wise median of its rows (:func:`~aggregathor.gars._sortnet.nan_median`).
+
+    A group *decodes* coordinate :math:`j` when it has a majority there, or when all :math:`r` values are finite
+    (their median then lies in the honest members' range). A group that lost a copy's value at :math:`j` and
+    whose other copies disagree (a Byzantine member among them) cannot: Draco tolerates :math:`f` faults per
+    group, erasures included, and the median of one honest and one Byzantine value (f = 1) would give the
+    Byzantine value half the weight. The output averages, per coordinate, the groups that decode it,
+
+    .. math:: \mathrm{draco}_j = \frac{1}{|D_j|} \sum_{g \in D_j} \hat g_{g,j},
+
+    and only where no group decodes :math:`j` (:math:`D_j = \emptyset`), the groups' finite medians instead
+    (NaN where there is none). Computed as :math:`(\sum_{g \in D_j} s\,\hat g_{g,j}) \cdot b_{|D_j|}` in group
+    order (:func:`mean_factors`: ``s`` an exact power of two, so no sum of finite values overflows, even near
+    float32's maximum; limit: values below about :math:`2^{-120}` in magnitude may be flushed to 0 by it).
 
     So with at most :math:`f` Byzantine rows in each group (any placement when the total is at most ``f``) and no
     loss, the output is bit for bit the mean of the groups' honest gradients. ``nan_robust``: with at most
-    ``f`` non-finite rows every group keeps :math:`f + 1` finite ones, so the output is finite. Needs n to be a
-    multiple of :math:`2f + 1`.
+    ``f`` non-finite rows every group keeps :math:`f + 1` finite values per coordinate and the output is finite.
+    Needs n to be a multiple of :math:`2f + 1`.
 
-    Cost: :math:`r(r-1)/2` bitwise row comparisons per group, i.e. :math:`f` passes over the data, plus the
-    median network (one pass); throughput is one useful gradient per group of :math:`2f + 1` workers.
+    Cost: :math:`r(r-1)/2` elementwise bit comparisons and the median network per group, fused by XLA into one
+    pass over the data; throughput is one useful gradient per group of :math:`2f + 1` workers.
     """
 
     name = "draco"
@@ -78,28 +87,39 @@ class Draco(GAR):
                              f"a mini-batch); got n={self.n}, f={self.f}: use {fix}, or another --f")
 
     def aggregate(self, x: tf.Tensor) -> tf.Tensor:
-        r = group_size(self.f)
-        scale, back = mean_factors(self.groups)
-        total = None
-        for g in range(self.groups):
-            decoded = self.decode(x[g * r:(g + 1) * r]) * tf.constant(scale, x.dtype)  # exact: a power of two
-            total = decoded if total is None else total + decoded
-        return total * tf.constant(back, x.dtype)
+        r, groups = group_size(self.f), self.groups
+        decoded = [self.decode(x[g * r:(g + 1) * r]) for g in range(groups)]
+        anyone = decoded[0][1]
+        for _, sure in decoded[1:]:
+            anyone = tf.logical_or(anyone, sure)
+        scale = tf.constant(mean_factors(groups)[0], x.dtype)
+        total, count = None, None
+        for value, sure in decoded:  # where no group decodes a coordinate: every finite median instead
+            use = tf.where(anyone, sure, tf.math.is_finite(value))
+            term = tf.where(use, value * scale, tf.zeros([], x.dtype))  # exact: scale is a power of two
+            total = term if total is None else total + term
+            count = tf.cast(use, tf.int32) if count is None else count + tf.cast(use, tf.int32)
+        # b_c = (1/c) / s for c groups used (NaN for none): one rounding in all, as a division by c
+        back = [float("nan")] + [1.0 / c / mean_factors(groups)[0] for c in range(1, groups + 1)]
+        return total * tf.gather(tf.constant(back, x.dtype), count)
 
-    def decode(self, group: tf.Tensor) -> tf.Tensor:
-        """One group's ``(r, d)`` rows -> its ``(d,)`` decoded gradient: the finite majority row, else the NaN-aware
-        coordinate-wise median of the rows."""
+    def decode(self, group: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """One group's ``(r, d)`` rows -> its ``(d,)`` decoded gradient (the finite majority value of each coordinate,
+        else the NaN-aware median) and where it decodes (a majority, or ``r`` finite values)."""
         rows = tf.unstack(group, axis=0)
         r = len(rows)
         bits = [tf.bitcast(row, _BITS[group.dtype.size]) for row in rows]
-        votes = [tf.constant(1, tf.int32) for _ in rows]
+        finite = [tf.math.is_finite(row) for row in rows]
+        votes = [tf.ones_like(bits[0], tf.int32) for _ in rows]
         for i in range(r):
             for j in range(i + 1, r):
-                same = tf.cast(tf.reduce_all(tf.equal(bits[i], bits[j])), tf.int32)
+                same = tf.cast(tf.equal(bits[i], bits[j]), tf.int32)
                 votes[i] += same
                 votes[j] += same
-        out = _sortnet.nan_median(rows)
-        for i in reversed(range(r)):  # any majority row will do: they are all the same bits
-            holds = tf.logical_and(votes[i] >= self.f + 1, tf.reduce_all(tf.math.is_finite(rows[i])))
+        out, majority, complete = _sortnet.nan_median(rows), None, None
+        for i in reversed(range(r)):  # any majority value will do: they are all the same bits
+            holds = tf.logical_and(votes[i] >= self.f + 1, finite[i])
             out = tf.where(holds, rows[i], out)
-        return out
+            majority = holds if majority is None else tf.logical_or(majority, holds)
+            complete = finite[i] if complete is None else tf.logical_and(complete, finite[i])
+        return out, tf.logical_or(majority, complete)

@@ -63,6 +63,7 @@ __all__ = [
     "clipping",
     "compose",
     "draco",
+    "draco_decode",
     "draco_majority",
     "geometric_median",
     "krum",
@@ -553,19 +554,47 @@ def draco_majority(x: Any, f: int) -> list[int | None]:
     return out
 
 
+def draco_decode(x: Any, f: int) -> tuple[np.ndarray, np.ndarray]:
+    r"""Each group's decoded gradient and where it decodes, two ``(n / r, d)`` arrays (groups of :math:`r = 2f + 1`
+    consecutive rows).
+
+    Per coordinate :math:`j` of group :math:`g`: the lowest-indexed finite value whose exact bits (in the input's
+    own dtype) are held by at least :math:`f + 1` members, a majority; else the median of the group's finite
+    values (:func:`median`). The group *decodes* :math:`j` when it has a majority there or all :math:`r` values
+    are finite.
+    """
+    a = np.asarray(x)
+    n, d = a.shape
+    r = 2 * f + 1
+    if n % r:
+        raise ValueError(f"draco needs n to be a multiple of 2f + 1, got n={n}, f={f}")
+    decoded, decodes = np.empty((n // r, d)), np.zeros((n // r, d), dtype=bool)
+    for g in range(n // r):
+        for j in range(d):
+            col = a[g * r:(g + 1) * r, j]
+            keys = [v.tobytes() for v in col]
+            held = [i for i in range(r) if keys.count(keys[i]) >= f + 1 and np.isfinite(col[i])]
+            finite = [float(v) for v in col if np.isfinite(v)]
+            decoded[g, j] = float(col[held[0]]) if held else _median_of(finite)
+            decodes[g, j] = bool(held) or len(finite) == r
+    return decoded, decodes
+
+
 def draco(x: Any, f: int) -> np.ndarray:
     r"""Draco with the repetition code (Chen, Wang, Charles, Papailiopoulos, "DRACO: Byzantine-resilient
-    Distributed Training via Redundant Gradients", ICML 2018, §3).
+    Distributed Training via Redundant Gradients", ICML 2018, §3), as :class:`aggregathor.gars.draco.Draco`.
 
-    The rows form :math:`n / r` groups of :math:`r = 2f + 1` consecutive rows; each group decodes to its
-    majority row (:func:`draco_majority`, compared on the input's own bits), or, when it has none, to the
-    coordinate-wise median of its finite values (:func:`median`); the result is the mean of the decoded groups.
+    Per coordinate, the mean of the decoded values of the groups that decode it (:func:`draco_decode`); where no
+    group does, the mean of the groups' finite medians (NaN if none is finite).
     """
-    a = _matrix(x)
-    r = 2 * f + 1
-    picks = draco_majority(x, f)
-    decoded = [a[i] if i is not None else median(a[g * r:(g + 1) * r]) for g, i in enumerate(picks)]
-    return sum(decoded) / len(decoded)
+    _matrix(x)
+    decoded, decodes = draco_decode(x, f)
+    out = np.empty(decoded.shape[1])
+    for j in range(decoded.shape[1]):
+        use = decodes[:, j] if decodes[:, j].any() else np.isfinite(decoded[:, j])
+        vals = decoded[use, j]
+        out[j] = sum(vals) / len(vals) if len(vals) else np.nan
+    return out
 
 
 # ------------------------------------------------------------------------------------------- registry
