@@ -77,7 +77,7 @@ class Worker:
             meta = await self.transport.next_message()
             if meta.get("stop"):
                 return steps
-            if meta.get("ready"):
+            if meta.get("ready") or "skip" in meta:  # the warm-up barrier, or a step this worker is too late for
                 continue
             t0 = time.monotonic()
             delivered = await self.transport.recv_params(self.theta, timeout=self.param_deadline.next())

@@ -379,7 +379,9 @@ class TCPControl:
 
     async def wait_ready(self, timeout: float) -> list[int]:
         """Rank 0, elastic: wait, at most ``timeout`` seconds, until every live rank has asked for the next
-        announcement; returns the ranks that had not (they are not waited for again until they catch up)."""
+        announcement; returns the ranks that have not, sorted: those that missed this wait and those still
+        behind from an earlier one (neither is waited for again until it has caught up, i.e. asked for the
+        next announcement after reading every earlier one)."""
         if self.rank != 0 or not self.elastic:
             raise ControlError("wait_ready() is rank 0's operation on an elastic control channel")
         await self.connect()
@@ -395,7 +397,7 @@ class TCPControl:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ready_event.wait(), left)
         self._lagging.update(late)
-        return late
+        return sorted(r for r in self._lagging if r in self.links)
 
     def _drop(self, r: int, link: _Link, reason: str) -> None:
         if self.links.get(r) is not link:

@@ -257,7 +257,9 @@ class WorkerTransport(Protocol):
     capabilities: frozenset[Capability]
 
     async def next_message(self) -> dict[str, Any]:
-        """The server's next step message; raises :class:`ServerGone` when the server is gone."""
+        """The server's next step message (``{"step": k}``, ``{"stop": True}``, ``{"ready": True}``, or
+        ``{"skip": k}`` for a step this worker is already too late for); raises :class:`ServerGone` when the
+        server is gone."""
         ...
 
     async def recv_params(self, theta: np.ndarray, timeout: float) -> float:

@@ -97,7 +97,9 @@ class LossympiServer(_Side):
 
     async def announce(self, meta: dict[str, Any]) -> None:
         ctl = self.comm.control
-        await ctl.wait_ready(self.ready_timeout)
+        late = await ctl.wait_ready(self.ready_timeout)
+        if late and "step" in meta:  # still busy with an earlier step: they skip this one (LossympiWorker)
+            meta = {**meta, "_late": ",".join(map(str, late))}  # step messages hold scalars only
         await ctl.announce(encode_meta({**meta, "_seq": self.comm.next_tag}))  # the next collectives' tag
         if meta.get("stop"):  # the last message: let it leave, then close the channel
             await ctl.flush()
@@ -187,11 +189,20 @@ class LossympiWorker(NoHonestGradients, _Side):
     """A worker's side over a :class:`lossympi.comm.Comm` (``params_mode`` as the server's)."""
 
     async def next_message(self) -> dict[str, Any]:
+        """The next step message, or ``{"skip": k}`` for a step ``k`` the server announced while this worker was
+        still busy with an earlier one (it did not wait for this rank's ready frame): its gradient would arrive
+        after that step's gather, and the worker would stay one step behind for good. Skipping the step (and its
+        parameters) makes the worker ready for the next announcement on time, so it is back in step."""
         got = decode_meta(await self._listen())
         seq = got.pop("_seq", None)
         if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
             raise ValueError(f"the server's step message has no valid tag counter (_seq={seq!r})")
         self.comm.next_tag = seq
+        late = got.pop("_late", "")
+        if isinstance(late, str) and str(self.rank) in late.split(",") and "step" in got:
+            if self.params_mode == "reliable":
+                await self._listen()  # that step's parameters: not used
+            return {"skip": got["step"]}
         return got
 
     async def _listen(self) -> bytes:
