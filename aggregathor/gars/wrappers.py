@@ -180,10 +180,9 @@ class Bucketing(Wrapper):
 
     ``seed`` seeds a ``tf.random.Generator`` (a new permutation on every call, reproducible from the seed);
     ``permutation`` fixes the permutation instead (for tests and replays). One fused XLA pass: the buckets
-    are sums of dynamic row slices, the only write is the ``(n', d)`` output. When a bucket's sum overflows
-    (rows near float32's maximum: a mean is not finite), the means are recomputed from the rows at the
-    exact scale :math:`2^{-\lceil \log_2 s \rceil}`: finite at any finite magnitude; then values below
-    about 1e-37 may be flushed to 0.
+    are sums of dynamic row slices, the only write is the ``(n', d)`` output. The rows are summed at the
+    exact scale :math:`2^{-\lceil \log_2 s \rceil}` (:func:`~aggregathor.gars._scaling.sum_scale`): finite
+    at any finite magnitude; values below about 1e-37 in magnitude may be flushed to 0.
     """
 
     name = "bucketing"
@@ -230,12 +229,8 @@ class Bucketing(Wrapper):
             perm = tf.constant(self.permutation, tf.int32)
         else:
             perm = tf.cast(tf.argsort(self._gen.uniform([n], dtype=tf.float32)), tf.int32)
-        means = self._means(x, perm, 1.0)
-        # a bucket of huge rows overflowed: rerun at the exact scale 2^-ceil(log2 s), only then
-        return _scaling.finite_or(means, lambda: self._means(x, perm, _scaling.sum_scale(self.s)))
-
-    def _means(self, x: tf.Tensor, perm: tf.Tensor, scale: float) -> tf.Tensor:
-        """The buckets' means, the rows summed at ``scale`` (a power of two: exact)."""
+        # the rows are summed at the exact scale 2^-ceil(log2 s): a bucket of huge rows cannot overflow
+        scale = _scaling.sum_scale(self.s)
 
         def row(j: int) -> tf.Tensor:
             r = _distances.take_row(x, perm[j])
