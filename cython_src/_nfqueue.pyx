@@ -19,7 +19,8 @@ cdef extern from "lm_nfq.h" nogil:
         double ge_p, ge_r, ge_loss_bad, ge_loss_good
         uint32_t count
         uint64_t received, accepted, dropped_ge, immediate, enobufs, truncated, nl_errors, overflow
-        uint64_t batch_verdicts, single_verdicts, sends, send_errors, recv_calls, polls
+        uint64_t batch_verdicts, single_verdicts, sends, send_errors, recv_calls, polls, stamped
+        uint64_t spin_ns
         int last_nl_error
     int lm_nfq_init(lm_nfq *q, int fd, uint16_t queue, uint32_t capacity, unsigned vlen, uint64_t seed)
     void lm_nfq_free(lm_nfq *q)
@@ -28,7 +29,7 @@ cdef extern from "lm_nfq.h" nogil:
 
 
 _COUNTERS = ("received", "accepted", "dropped_ge", "immediate", "enobufs", "truncated", "nl_errors", "overflow",
-             "batch_verdicts", "single_verdicts", "sends", "send_errors", "recv_calls", "polls")
+             "batch_verdicts", "single_verdicts", "sends", "send_errors", "recv_calls", "polls", "stamped")
 
 
 cdef class DelayLine:
@@ -57,6 +58,9 @@ cdef class DelayLine:
         Seed of the generator (jitter, reorder, loss).
     vlen : int
         Netlink messages read per ``recvmmsg``.
+    spin : float
+        Seconds before a release when the line stops sleeping and polls the socket instead, so that the timer's
+        wake-up latency is not added to the delay (CPU spent: at most ``spin`` per release).
     """
 
     cdef lm_nfq q
@@ -64,7 +68,7 @@ cdef class DelayLine:
 
     def __cinit__(self, int fd, int queue, double delay, double jitter=0.0, bint jitter_reorders=True,
                   double reorder=0.0, object gemodel=None, unsigned int capacity=1 << 17,
-                  unsigned long long seed=0, unsigned int vlen=64):
+                  unsigned long long seed=0, unsigned int vlen=64, double spin=50e-6):
         self.ready = False
         if not 0 <= queue <= 65535:
             raise ValueError(f"queue must be in [0, 65535], got {queue}")
@@ -80,6 +84,7 @@ cdef class DelayLine:
         self.q.jitter_ns = <uint64_t>(jitter * 1e9 + 0.5)
         self.q.heap_mode = 1 if (jitter > 0 and jitter_reorders) else 0
         self.q.reorder_p = reorder
+        self.q.spin_ns = <uint64_t>(max(spin, 0.0) * 1e9)
         if gemodel is not None:
             p, r, loss_bad, loss_good = (float(x) for x in gemodel)
             for value in (p, r, loss_bad, loss_good):
@@ -116,10 +121,12 @@ cdef class DelayLine:
         """Counters: ``received``, ``accepted``, ``dropped_ge`` (Gilbert-Elliott drops), ``immediate`` (netem
         reorder), ``enobufs`` (the socket overflowed: the kernel lost packet messages), ``truncated``,
         ``nl_errors`` (verdicts the kernel refused), ``overflow`` (passed at once: the line was full),
-        ``batch_verdicts``, ``single_verdicts``, ``sends``, ``send_errors``, ``recv_calls``, ``polls``, ``held``."""
+        ``batch_verdicts``, ``single_verdicts``, ``sends``, ``send_errors``, ``recv_calls``, ``polls``,
+        ``stamped`` (arrivals taken from the kernel's receive stamp), ``held``."""
         values = (self.q.received, self.q.accepted, self.q.dropped_ge, self.q.immediate, self.q.enobufs,
                   self.q.truncated, self.q.nl_errors, self.q.overflow, self.q.batch_verdicts,
-                  self.q.single_verdicts, self.q.sends, self.q.send_errors, self.q.recv_calls, self.q.polls)
+                  self.q.single_verdicts, self.q.sends, self.q.send_errors, self.q.recv_calls, self.q.polls,
+                  self.q.stamped)
         out = dict(zip(_COUNTERS, values))
         out["held"] = self.q.count
         out["last_nl_error"] = self.q.last_nl_error

@@ -8,6 +8,10 @@
  *     one ahead of it), so every due packet is released by one NFQNL_MSG_VERDICT_BATCH naming the newest due id;
  *   - heap (jitter that reorders, as netem's tfifo does): a min-heap on (due, arrival order), one
  *     NFQNL_MSG_VERDICT per packet, all of a round concatenated into one send.
+ * A packet's arrival is the kernel's receive stamp (NFQA_TIMESTAMP, CLOCK_REALTIME in microseconds, present
+ * when receive timestamps are on: the Python side enables them) when it has one, else the time it is read: so the
+ * time the line takes to wake up is not added to the delay. The line wakes `spin_ns` before a release is due and
+ * polls the socket until then, so the timer's wake-up latency is not added either.
  * Gilbert-Elliott loss (netem's "loss gemodel p r 1-h 1-k") drops by verdict (NF_DROP) on arrival. netem's
  * "reorder" probability sends a packet at once (its own accept verdict).
  * Kept in C for the netlink structs; the loop runs without the GIL. Linux only. */
@@ -15,6 +19,7 @@
 #define LM_NFQ_H
 
 #include <arpa/inet.h>
+#include <endian.h>
 #include <errno.h>
 #include <poll.h>
 #include <stdint.h>
@@ -30,6 +35,7 @@
 #define LM_NFQ_MSG_VERDICT_BATCH 3
 #define LM_NFQA_PACKET_HDR 1
 #define LM_NFQA_VERDICT_HDR 2
+#define LM_NFQA_TIMESTAMP 4
 #define LM_NF_DROP 0
 #define LM_NF_ACCEPT 1
 #define LM_NLMSG_ERROR 2
@@ -56,6 +62,8 @@ typedef struct {
     lm_nfq_pkt *pkts;        /* FIFO ring (head, count) or binary heap (count) */
     uint32_t cap, head, count;
     uint64_t seq, last_due;
+    uint64_t spin_ns;        /* poll instead of sleeping when a release is this close */
+    int64_t real_offset;     /* CLOCK_REALTIME - CLOCK_MONOTONIC, refreshed per batch */
     uint32_t last_id;
     int have_last, strays;
     struct mmsghdr *msgs;
@@ -67,7 +75,7 @@ typedef struct {
     uint32_t nlseq;
     /* counters */
     uint64_t received, accepted, dropped_ge, immediate, enobufs, truncated, nl_errors, overflow;
-    uint64_t batch_verdicts, single_verdicts, sends, send_errors, recv_calls, polls;
+    uint64_t batch_verdicts, single_verdicts, sends, send_errors, recv_calls, polls, stamped;
     int last_nl_error;
 } lm_nfq;
 
@@ -75,6 +83,13 @@ static inline uint64_t lm_nfq_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static inline int64_t lm_nfq_real_offset(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    int64_t real = (int64_t)ts.tv_sec * 1000000000LL + (int64_t)ts.tv_nsec;
+    return real - (int64_t)lm_nfq_now();
 }
 
 /* xoshiro256** (Blackman and Vigna), seeded by splitmix64. */
@@ -274,6 +289,9 @@ static void lm_nfq_parse(lm_nfq *q, const char *buf, size_t len, uint64_t now) {
             break;
         if (type == ((LM_NFQ_SUBSYS_QUEUE << 8) | LM_NFQ_MSG_PACKET)) {
             size_t a = off + 20; /* after nlmsghdr and nfgenmsg */
+            uint32_t id = 0;
+            int have_id = 0;
+            uint64_t arrival = now;
             while (a + 4 <= off + mlen) {
                 uint16_t alen, atype;
                 memcpy(&alen, buf + a, 2);
@@ -281,13 +299,23 @@ static void lm_nfq_parse(lm_nfq *q, const char *buf, size_t len, uint64_t now) {
                 if (alen < 4 || a + alen > off + mlen)
                     break;
                 if ((atype & 0x3fff) == LM_NFQA_PACKET_HDR && alen >= 8) {
-                    uint32_t id;
                     memcpy(&id, buf + a + 4, 4);
-                    lm_nfq_arrive(q, ntohl(id), now);
-                    break;
+                    id = ntohl(id);
+                    have_id = 1;
+                } else if ((atype & 0x3fff) == LM_NFQA_TIMESTAMP && alen >= 20) {
+                    uint64_t sec, usec;
+                    memcpy(&sec, buf + a + 4, 8);
+                    memcpy(&usec, buf + a + 12, 8);
+                    int64_t stamp = (int64_t)(be64toh(sec) * 1000000000ULL + be64toh(usec) * 1000ULL) - q->real_offset;
+                    if (stamp > 0 && (uint64_t)stamp <= now && now - (uint64_t)stamp < 1000000000ULL) {
+                        arrival = (uint64_t)stamp; /* the kernel's receive stamp, if sane (within 1 s) */
+                        q->stamped++;
+                    }
                 }
                 a += (alen + 3u) & ~3u;
             }
+            if (have_id)
+                lm_nfq_arrive(q, id, arrival);
         } else if (type == LM_NLMSG_ERROR && mlen >= 20) {
             int32_t err;
             memcpy(&err, buf + off + 16, 4);
@@ -351,6 +379,7 @@ static int lm_nfq_run(lm_nfq *q, uint64_t until) {
         int n = recvmmsg(q->fd, q->msgs, q->vlen, MSG_DONTWAIT, NULL);
         q->recv_calls++;
         if (n > 0) {
+            q->real_offset = lm_nfq_real_offset();
             now = lm_nfq_now();
             for (int i = 0; i < n; i++) {
                 if (q->msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
@@ -370,6 +399,10 @@ static int lm_nfq_run(lm_nfq *q, uint64_t until) {
         uint64_t wake = until;
         if (q->count > 0 && lm_nfq_next_due(q) < wake)
             wake = lm_nfq_next_due(q);
+        if (wake <= now + q->spin_ns && wake < until)
+            continue; /* close to a release: poll the socket instead of sleeping */
+        if (wake < until)
+            wake -= q->spin_ns;
         if (wake <= now)
             continue;
         struct timespec ts;

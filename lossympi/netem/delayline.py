@@ -37,6 +37,7 @@ __all__: list[str] = []
 
 NETLINK_NETFILTER = 12
 _SO_RCVBUFFORCE = 33
+_SO_TIMESTAMPNS = 35
 _NFQNL_MSG_CONFIG = (3 << 8) | 2
 _NFQA_CFG_CMD, _NFQA_CFG_PARAMS, _NFQA_CFG_QUEUE_MAXLEN, _NFQA_CFG_MASK, _NFQA_CFG_FLAGS = 1, 2, 3, 4, 5
 _CMD_BIND = 1
@@ -208,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     tag = args.tag or (f"queues {queues[0]}-{queues[-1]}" if len(queues) > 1 else f"queue {queues[0]}")
     gemodel = tuple(float(x) for x in args.gemodel.split(",")) if args.gemodel else None
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(8), "little")
+    stamps = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # kept open: the kernel stamps what it receives
+    with contextlib.suppress(OSError):  # (NFQA_TIMESTAMP), so the delay counts from the packet's arrival
+        stamps.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
     try:
         socks = [open_queue(q, fail_open=args.fail_open) for q in queues]
         lines = [DelayLine(s.fileno(), q, args.delay, args.jitter, not args.keep_order, args.reorder, gemodel,
