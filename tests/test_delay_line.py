@@ -8,6 +8,7 @@ iptables-legacy, the compiled module) and is skipped with the reason otherwise.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import select
@@ -242,6 +243,20 @@ def test_linkspec_gemodel_and_line_argv() -> None:
     args = dl._parse(params.argv())
     assert (args.delay, args.jitter, args.keep_order, args.queues, args.fail_open) == (0.001, 0.0005, True, 2, True)
     assert args.gemodel == "0.1,0.2,1.0,0.0"
+
+
+def test_gather_bench_delay_options() -> None:
+    from lossympi.bench import gather
+
+    parser = argparse.ArgumentParser()
+    gather.add_arguments(parser)
+    args = parser.parse_args(["--delay-ms", "2", "--jitter-ms", "0.5", "--no-reorder"])
+    spec = gather._link(args, 0.05)  # the root's link; every other host gets _link(args)
+    assert (spec.delay, spec.jitter, spec.jitter_reorders, spec.loss) == (0.002, 0.0005, False, 0.05)
+    assert gather._link(args).delay == 0.002
+    settings = gather._settings(args)
+    assert (settings["delay_ms"], settings["rtt_ms"], settings["jitter_ms"]) == (2.0, 4.0, 0.5)
+    assert gather._link(parser.parse_args([])).wanted() == ()  # no delay asked: no delay line
 
 
 # ------------------------------------------------------------------------------------------------------------------
