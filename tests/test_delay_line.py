@@ -245,6 +245,24 @@ def test_linkspec_gemodel_and_line_argv() -> None:
     assert args.gemodel == "0.1,0.2,1.0,0.0"
 
 
+def test_cli_delay_options() -> None:
+    from test_netem import _load_cli
+
+    cli = _load_cli()
+    assert cli.gemodel("1%,30%") == (0.01, 0.3, 1.0, 0.0)  # netem's defaults: 1-h = 1, 1-k = 0
+    assert cli.gemodel("0.01") == (0.01, 0.99, 1.0, 0.0)  # r = 1 - p
+    parser = argparse.ArgumentParser()
+    cli._add_link_options(parser)
+    args = parser.parse_args(["--delay-ms", "5", "--jitter-ms", "1", "--no-reorder", "--gemodel", "2%,20%,50%"])
+    spec = cli._spec(netem, args)
+    assert (spec.delay, spec.jitter, spec.jitter_reorders, spec.gemodel) == (0.005, 0.001, False,
+                                                                             (0.02, 0.2, 0.5, 0.0))
+    assert cli._spec(netem, parser.parse_args(["--reorder"])).reorder == 0.0  # alone: jitter reorders (default)
+    assert cli._spec(netem, parser.parse_args(["--delay-ms", "1", "--reorder", "25%"])).reorder == 0.25
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--delay", "5ms", "--delay-ms", "5"])
+
+
 def test_gather_bench_delay_options() -> None:
     from lossympi.bench import gather
 
