@@ -15,14 +15,13 @@ class Average(GAR):
     Any single Byzantine gradient moves it arbitrarily far (Blanchard et al., NeurIPS 2017, Lemma 1),
     so it tolerates ``f = 0`` only in theory; it is allowed with any ``f`` as the experiments' baseline.
 
-    Finite at any finite magnitude: when the sum overflows (the mean is not finite), it is recomputed at the
-    exact scale :math:`2^{-\lceil \log_2 n \rceil}` (:func:`~aggregathor.gars._scaling.sum_scale`; only
-    then: a product before the reduction keeps XLA from fusing it with a wrapper's stacked rows). Limit:
-    then values below about :math:`2^{-120}` (7.5e-37) in magnitude may be flushed to 0.
+    Finite at any finite magnitude: the values are summed at the exact scale :math:`2^{-\lceil \log_2 n
+    \rceil}` (:func:`~aggregathor.gars._scaling.sum_scale`), so n values near float32's maximum do not
+    overflow. Limit: values below about :math:`2^{-120}` (7.5e-37) in magnitude may be flushed to 0.
     """
 
     name = "average"
 
     def aggregate(self, x: tf.Tensor) -> tf.Tensor:
         scale = tf.constant(_scaling.sum_scale(self.n), x.dtype)
-        return _scaling.finite_or(tf.reduce_mean(x, axis=0), lambda: tf.reduce_mean(x * scale, axis=0) / scale)
+        return tf.reduce_mean(x * scale, axis=0) / scale

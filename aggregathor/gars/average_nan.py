@@ -18,10 +18,9 @@ class AverageNaN(GAR):
     sending finite values (Blanchard et al., NeurIPS 2017, Lemma 1). ``nan_robust``: with at most ``f``
     non-finite values per coordinate and ``n > f``, at least one finite value remains.
 
-    One fused pass: per row a select and a count, no reduction op. When the sum overflows (a coordinate is
-    not finite; also where no value is), it is recomputed at the exact scale :math:`2^{-\lceil \log_2 n
-    \rceil}` (:func:`~aggregathor.gars._scaling.sum_scale`): finite at any finite magnitude; then values
-    below about :math:`2^{-120}` (7.5e-37) in magnitude may be flushed to 0.
+    One fused pass: per row a select and a count, no reduction op. The values are summed at the exact scale
+    :math:`2^{-\lceil \log_2 n \rceil}` (:func:`~aggregathor.gars._scaling.sum_scale`): finite at any
+    finite magnitude. Limit: values below about :math:`2^{-120}` (7.5e-37) in magnitude may be flushed to 0.
     """
 
     name = "average-nan"
@@ -31,20 +30,13 @@ class AverageNaN(GAR):
         self._require(self.n > self.f, "n > f")
 
     def aggregate(self, x: tf.Tensor) -> tf.Tensor:
-        scale = _scaling.sum_scale(self.n)
-        return _scaling.finite_or(self._mean(x, 1.0), lambda: self._mean(x, scale))
-
-    @staticmethod
-    def _mean(x: tf.Tensor, scale: float) -> tf.Tensor:
-        """The mean of the finite values, summed at ``scale`` (a power of two: exact)."""
         zero = tf.zeros([], x.dtype)
-        s = tf.constant(scale, x.dtype)
+        s = tf.constant(_scaling.sum_scale(self.n), x.dtype)
         total = None
         count = None
         for row in tf.unstack(x, axis=0):
             fin = tf.math.is_finite(row)
-            v, c = tf.where(fin, row if scale == 1.0 else row * s, zero), tf.cast(fin, x.dtype)
+            v, c = tf.where(fin, row * s, zero), tf.cast(fin, x.dtype)
             total = v if total is None else total + v
             count = c if count is None else count + c
-        mean = total / count  # 0 / 0 = NaN where no value is finite
-        return mean if scale == 1.0 else mean / s
+        return total / count / s  # 0 / 0 = NaN where no value is finite

@@ -25,11 +25,11 @@ class MeaMed(GAR):
     No sort op, no gather: one pruned compare-exchange network selects the ``f`` lowest and ``f`` highest
     ranks and the median ranks while keeping the middle block as an unordered multiset, and the window is
     decided by ``f`` exact comparisons ``|v_{a+n-f} - m| < |v_a - m|`` and summed by ``f`` selects
-    (:func:`~aggregathor.gars._sortnet.mean_around_median`). When the output is not finite (the sum or a
-    distance ``|v - m|`` overflowed: values near float32's maximum), it all reruns at the exact scale
+    (:func:`~aggregathor.gars._sortnet.mean_around_median`). All of it runs at the exact scale
     :math:`2^{-\lceil \log_2 (n - f) \rceil}` (:func:`~aggregathor.gars._scaling.sum_scale`; a power of two
-    keeps the order and the distances' comparisons): finite at any finite magnitude; then values below
-    about :math:`2^{-120}` (7.5e-37) in magnitude may be flushed to 0.
+    keeps the order and the distances' comparisons): neither the sum nor a distance ``|v - m|`` overflows
+    at any finite magnitude. Limit: values below about :math:`2^{-120}` (7.5e-37) in magnitude may be
+    flushed to 0.
     """
 
     name = "meamed"
@@ -40,10 +40,6 @@ class MeaMed(GAR):
 
     def aggregate(self, x: tf.Tensor) -> tf.Tensor:
         self.check()  # the window logic relies on the bound
-        k = self.n - self.f
-        scale = tf.constant(_scaling.sum_scale(k), x.dtype)
-
-        def scaled() -> tf.Tensor:
-            return _sortnet.mean_around_median([r * scale for r in tf.unstack(x, axis=0)], k) / scale
-
-        return _scaling.finite_or(_sortnet.mean_around_median(x, k), scaled)
+        scale = tf.constant(_scaling.sum_scale(self.n - self.f), x.dtype)
+        rows = [r * scale for r in tf.unstack(x, axis=0)]  # per row: fused into the network
+        return _sortnet.mean_around_median(rows, self.n - self.f) / scale

@@ -27,11 +27,10 @@ class TrimmedMean(GAR):
 
     No sort op: a compare-exchange network either selects the middle ranks, or selects the ``b`` lowest and
     ``b`` highest with full compare-exchanges and adds up what is left in the middle, whichever needs fewer
-    min/max (:func:`~aggregathor.gars._sortnet.rank_sum`), fused by XLA into one pass. When the sum
-    overflows (values near float32's maximum; the output is not finite), the network reruns on the values
-    at the exact scale :math:`2^{-\lceil \log_2 (n - 2b) \rceil}` (:func:`~aggregathor.gars._scaling.sum_scale`;
-    a power of two keeps the order): finite at any finite magnitude; then values below about
-    :math:`2^{-120}` (7.5e-37) in magnitude may be flushed to 0.
+    min/max (:func:`~aggregathor.gars._sortnet.rank_sum`), fused by XLA into one pass. The values are
+    ranked and summed at the exact scale :math:`2^{-\lceil \log_2 (n - 2b) \rceil}`
+    (:func:`~aggregathor.gars._scaling.sum_scale`; a power of two keeps the order): finite at any finite
+    magnitude. Limit: values below about :math:`2^{-120}` (7.5e-37) in magnitude may be flushed to 0.
     """
 
     name = "trimmed-mean"
@@ -58,10 +57,6 @@ class TrimmedMean(GAR):
         if not n >= 2 * b + 1:
             raise ValueError(f"{self.name} needs n >= 2b + 1; got n={n}, b={b}")
         inf = tf.constant(float("inf"), x.dtype)
-        rows = [tf.where(tf.math.is_nan(r), inf, r) for r in tf.unstack(x, axis=0)]
         scale = tf.constant(_scaling.sum_scale(n - 2 * b), x.dtype)
-
-        def scaled() -> tf.Tensor:
-            return _sortnet.rank_sum([r * scale for r in rows], b, n - b) / tf.cast(n - 2 * b, x.dtype) / scale
-
-        return _scaling.finite_or(_sortnet.rank_sum(rows, b, n - b) / tf.cast(n - 2 * b, x.dtype), scaled)
+        rows = [tf.where(tf.math.is_nan(r), inf, r * scale) for r in tf.unstack(x, axis=0)]
+        return _sortnet.rank_sum(rows, b, n - b) / tf.cast(n - 2 * b, x.dtype) / scale
