@@ -300,7 +300,7 @@ class Group:
                 p.wait(timeout=10)
         # Workers and the delay lines are the only processes in the cluster's host namespaces (built by this run).
         ip = shutil.which("ip") or "/usr/sbin/ip"
-        lines = {str(pid) for pid in self.c.delay_line_pids()}
+        lines = {str(pid) for pid in self.c.delay_line_pids()} if self.c.hosts else set()
         for ns in self.c.hosts:
             out = subprocess.run([ip, "netns", "pids", ns], capture_output=True, text=True).stdout
             for tok in set(out.split()) - lines:
