@@ -19,6 +19,8 @@ DEF MAC_BYTES = 16
 DEF VERSION = 1
 DEF K_DATA = 1
 DEF K_FIN = 2
+DEF K_CREDIT = 3
+DEF CREDIT_WAIT_NS = 2000000    # a sender out of credit grants itself a quarter window after 2 ms without a grant
 DEF F_MAC = 1
 DEF DEFAULT_DGRAM = 1472        # a 1500-byte MTU minus 20 (IPv4) and 8 (UDP) bytes
 DEF MAX_DGRAM = 65507           # the largest UDP/IPv4 payload
@@ -58,6 +60,9 @@ MAC_SIZE = MAC_BYTES
 PROTOCOL_VERSION = VERSION
 KIND_DATA = K_DATA
 KIND_FIN = K_FIN
+KIND_CREDIT = K_CREDIT
+#: Seconds a sender out of credit waits for a grant before it grants itself a quarter of its window.
+CREDIT_WAIT_SECONDS = CREDIT_WAIT_NS / 1e9
 FLAG_MAC = F_MAC
 DEFAULT_DATAGRAM_BYTES = DEFAULT_DGRAM
 MAX_DATAGRAM_BYTES = MAX_DGRAM
@@ -138,6 +143,10 @@ cdef extern from "lm_net.h" nogil:
     void lm_st16(uint8_t *p, uint16_t v)
     void lm_st32(uint8_t *p, uint32_t v)
     void lm_st64(uint8_t *p, uint64_t v)
+    uint32_t lm_grant_load(uint32_t *g)
+    void lm_grant_store(uint32_t *g, uint32_t v)
+    int lm_grant_raise(uint32_t *g, uint32_t v)
+    void lm_grant_wait(uint32_t *g, uint32_t seen, uint64_t timeout_ns)
 
 
 def blake2b_mac(bytes key, const uint8_t[::1] data, int outlen=16):
@@ -222,11 +231,55 @@ cdef struct Slot:
     uint64_t dup
     uint64_t bytes_recv
     int fin            # the sender said it has sent everything (a FIN datagram arrived)
+    uint32_t credit    # receiver-driven ingest: window in chunks (0: the sender is not credit-driven)
+    uint32_t hi        # 1 + the highest chunk index received
+    uint32_t granted   # the last grant sent (the sender starts with ``credit``)
     # the receive's window of the per-claimed-rank counters: at the post, and when the last chunk arrived
     uint64_t rej0[N_REASONS]
     uint64_t rej1[N_REASONS]
     uint64_t stale0
     uint64_t stale1
+
+
+cdef struct Credit:
+    # What the receiver of the message being sent to one rank lets this rank send (chunk indices < grant). The
+    # sending thread opens it (tag, tid, grant, then open), the receive path raises grant; both use atomics.
+    uint64_t tag
+    uint32_t tid
+    uint32_t open
+    uint32_t grant
+
+
+cdef struct SendJob:
+    # One message being sent, and the buffers of its current sendmmsg batch (Core._send and its helpers).
+    int dst
+    const uint8_t *base
+    uint64_t nbytes
+    uint8_t dtype
+    uint64_t tag
+    uint32_t tid
+    uint32_t count
+    const uint32_t *idx
+    uint64_t nidx
+    bint corrupt
+    int maclen
+    int seg_full
+    int segs_per_msg
+    uint8_t *hm
+    iovec *iov
+    mmsghdr *msgs
+    char *ctrl
+    const uint8_t **spay
+    uint32_t *slen
+    uint8_t *cbuf
+    int nm
+    int ns
+    uint64_t batch_bytes
+
+
+cdef void _job_free(SendJob *j) noexcept nogil:
+    free(j.hm); free(j.iov); free(j.msgs); free(j.ctrl); free(<void *>j.spay); free(j.slen); free(j.cbuf)
+    j.hm = NULL; j.iov = NULL; j.msgs = NULL; j.ctrl = NULL; j.spay = NULL; j.slen = NULL; j.cbuf = NULL
 
 
 cdef inline uint64_t _mix(uint64_t x) nogil:
@@ -310,6 +363,10 @@ cdef class Core:
     cdef uint64_t *rejected_sender  # (nranks + 1) x N_REASONS: by the rank that really sent it; row nranks: unknown
     cdef uint64_t *overflow_src
     cdef int last_sender
+    cdef Credit *credit             # per destination rank: the grant of the message being sent to it
+    cdef readonly uint64_t credits_sent
+    cdef readonly uint64_t credits_received
+    cdef readonly uint64_t credit_timeouts   # written by the sending thread only
 
     def __cinit__(self, int fd, int rank, int nranks, *, bint auth=True, int datagram_bytes=DEFAULT_DGRAM,
                   bint gso=False, int max_slots=1024, uint64_t unexpected_bytes=64 << 20,
@@ -335,6 +392,7 @@ cdef class Core:
         self.stale_src = <uint64_t *>calloc(nranks, sizeof(uint64_t))
         self.rejected_sender = <uint64_t *>calloc(<size_t>(nranks + 1) * N_REASONS, sizeof(uint64_t))
         self.overflow_src = <uint64_t *>calloc(nranks, sizeof(uint64_t))
+        self.credit = <Credit *>calloc(nranks, sizeof(Credit))
         self.nslots = max_slots
         self.slots = <Slot *>calloc(max_slots, sizeof(Slot))
         self.done_list = <int *>calloc(max_slots, sizeof(int))
@@ -372,7 +430,7 @@ cdef class Core:
                 or self.rctrl == NULL or self.raddrs == NULL or self.rejected_src == NULL
                 or self.stale_src == NULL or self.cand_ptr == NULL or self.cand_len == NULL
                 or self.cand_src == NULL or self.cand_frm == NULL or self.rejected_sender == NULL
-                or self.overflow_src == NULL):
+                or self.overflow_src == NULL or self.credit == NULL):
             raise MemoryError("lossympi core: cannot allocate buffers (lower unexpected_bytes?)")
         for i in range(<int>self.pool_n):
             self.pool_free[i] = self.pool_n - 1 - i
@@ -390,7 +448,7 @@ cdef class Core:
         free(self.rmsgs); free(self.riov); free(self.rbufs); free(self.rctrl); free(self.raddrs)
         free(self.rejected_src); free(self.stale_src)
         free(self.cand_ptr); free(self.cand_len); free(self.cand_src); free(self.cand_frm)
-        free(self.rejected_sender); free(self.overflow_src)
+        free(self.rejected_sender); free(self.overflow_src); free(self.credit)
 
     # ------------------------------------------------------------------ configuration
     def set_key(self, int peer, bytes key):
@@ -589,11 +647,47 @@ cdef class Core:
         sl.nrecv += 1
         sl.bytes_recv += plen
         self.accepted += 1
+        if sl.credit:
+            self._grant(sl, index)
         if sl.nrecv == sl.count and sl.state == 1:
             sl.state = 2
             self._window_mark(sl, sl.rej1, &sl.stale1)
             self.done_list[self.ndone] = s
             self.ndone += 1
+
+    cdef inline void _grant(self, Slot *sl, uint32_t index) noexcept nogil:
+        """Receiver-driven ingest: once chunk ``index`` is drained, let the sender run ``credit`` chunks past the
+        highest index received; a grant goes out each time that bound moved a quarter window (or reached the end)."""
+        cdef uint32_t step = sl.credit >> 2
+        cdef uint64_t g
+        if index + 1 > sl.hi:
+            sl.hi = index + 1
+        g = <uint64_t>sl.hi + sl.credit
+        if g > sl.count:
+            g = sl.count
+        if g >= <uint64_t>sl.granted + (step if step > 0 else 1) or (g == sl.count and sl.granted < sl.count):
+            sl.granted = <uint32_t>g
+            self._send_credit(sl)
+
+    cdef void _send_credit(self, Slot *sl) noexcept nogil:
+        """One CREDIT datagram to ``sl``'s sender: the message's header, ``index`` = the grant, no payload."""
+        cdef uint8_t buf[HEADER_BYTES + MAC_BYTES]
+        cdef iovec iov
+        cdef mmsghdr m
+        if not self.has_peer[sl.src] or (self.auth and not self.has_key[sl.src]):
+            return
+        self._put_header(buf, K_CREDIT, sl.dtype, sl.tag, sl.tid, sl.granted, sl.count, 0)
+        if self.auth:
+            lm_mac2(&self.keys[sl.src], buf, HEADER_BYTES, NULL, 0, buf + HEADER_BYTES)
+        iov.iov_base = buf
+        iov.iov_len = HEADER_BYTES + (MAC_BYTES if self.auth else 0)
+        memset(&m, 0, sizeof(m))
+        m.msg_hdr.msg_name = &self.peers[sl.src]
+        m.msg_hdr.msg_namelen = sizeof(lm_addr)
+        m.msg_hdr.msg_iov = &iov
+        m.msg_hdr.msg_iovlen = 1
+        if sendmmsg(self.fd, &m, 1, MSG_DONTWAIT) == 1:  # a credit that cannot leave now is one the sender waits out
+            self.credits_sent += 1
 
     cdef inline void _window_mark(self, Slot *sl, uint64_t *rej, uint64_t *stale) noexcept nogil:
         """Copy the counters of ``sl``'s sender claimed in headers (rejects by reason, stale) to ``rej``/``stale``."""
@@ -664,9 +758,10 @@ cdef class Core:
         src = lm_ld32(d + O_SRC)
         claim = self._claimed(d, L)
         plen = lm_ld16(d + O_LENGTH)
-        if (d[O_VERSION] != VERSION or (d[O_KIND] != K_DATA and d[O_KIND] != K_FIN) or (d[O_FLAGS] & ~F_MAC) != 0
+        if (d[O_VERSION] != VERSION or d[O_KIND] < K_DATA or d[O_KIND] > K_CREDIT or (d[O_FLAGS] & ~F_MAC) != 0
                 or lm_ld64(d + O_TAG) == TAG_RESERVED
-                or (d[O_KIND] == K_FIN and (plen != 0 or lm_ld32(d + O_INDEX) != 0))):
+                or (d[O_KIND] == K_FIN and (plen != 0 or lm_ld32(d + O_INDEX) != 0))
+                or (d[O_KIND] == K_CREDIT and (plen != 0 or lm_ld32(d + O_INDEX) > lm_ld32(d + O_COUNT)))):
             self._reject(R_HEADER, claim, self._sender_of(frm))
             return -1
         if claim < 0:
@@ -685,10 +780,19 @@ cdef class Core:
         return src
 
     cdef void _dispatch(self, const uint8_t *d, uint32_t L, uint32_t src) noexcept nogil:
-        """Steps 6-7 for an authenticated datagram: its open receive, or stale, or the pool."""
+        """Steps 6-7 for an authenticated datagram: its open receive, or stale, or the pool (a CREDIT: the grant
+        of the message this rank is sending to ``src``)."""
         cdef uint64_t tag = lm_ld64(d + O_TAG), done
         cdef uint32_t tid = lm_ld32(d + O_TID)
-        cdef int s = self._find_slot(src, tag, tid)
+        cdef Credit *c
+        cdef int s
+        if d[O_KIND] == K_CREDIT:
+            self.credits_received += 1
+            c = &self.credit[src]
+            if lm_grant_load(&c.open) and c.tag == tag and c.tid == tid:
+                lm_grant_raise(&c.grant, lm_ld32(d + O_INDEX))
+            return
+        s = self._find_slot(src, tag, tid)
         if s >= 0:
             self._deliver(s, d, lm_ld16(d + O_LENGTH))
             return
@@ -811,12 +915,14 @@ cdef class Core:
         return out
 
     def post(self, int src, uint64_t tag, uint32_t tid, uint8_t[::1] buf, uint8_t[::1] bitmap,
-             int dtype_code, object ref=None):
+             int dtype_code, object ref=None, uint32_t credit=0):
         """Post a receive of message ``(src, tag, tid)`` into ``buf``; returns its slot id.
 
         ``bitmap`` (``ceil(count / 8)`` zeroed bytes) records the chunks that arrive. ``ref`` is kept
         alive while the slot is open (the owner of ``buf``). Datagrams already pooled for this message
-        are delivered at once; the slot may thus be complete on return (see ``is_complete``).
+        are delivered at once; the slot may thus be complete on return (see ``is_complete``). ``credit`` > 0:
+        the sender is credit-driven with a window of that many chunks, and this receive grants it more as it
+        drains (CREDIT datagrams).
         """
         cdef int s, i
         cdef uint64_t nbytes = buf.shape[0]
@@ -860,6 +966,9 @@ cdef class Core:
         self.slots[s].dup = 0
         self.slots[s].bytes_recv = 0
         self.slots[s].fin = 0
+        self.slots[s].credit = credit
+        self.slots[s].hi = 0
+        self.slots[s].granted = credit
         self._window_mark(&self.slots[s], self.slots[s].rej0, &self.slots[s].stale0)
         self.slot_refs[s] = (ref, buf, bitmap)
         with nogil:
@@ -924,13 +1033,14 @@ cdef class Core:
     # ------------------------------------------------------------------ send path
     def send(self, int dst, const uint8_t[::1] data, int dtype_code, uint64_t tag, uint32_t tid,
              const uint32_t[::1] indices=None, bint corrupt=False, double rate_bps=0.0,
-             uint64_t burst_bytes=0):
+             uint64_t burst_bytes=0, uint32_t credit=0):
         """Send chunks of ``data`` to rank ``dst``; returns the number of datagrams sent.
 
         ``indices`` lists the chunks to send, in order (default: all, ascending). ``corrupt`` flips one
         payload bit of every datagram after its MAC is computed (fault injection). ``rate_bps`` > 0
         paces the sender to that many bits per second, with at most ``burst_bytes`` ahead of schedule.
-        Runs without the GIL.
+        ``credit`` > 0: receiver-driven, a window of that many chunks (the receive was posted with the same
+        ``credit``; see ``post``). Runs without the GIL.
         """
         self._check_rank(dst)
         if not self.has_peer[dst]:
@@ -955,11 +1065,24 @@ cdef class Core:
             for j in range(nidx):
                 if idx[j] >= count:
                     raise ValueError(f"chunk index {idx[j]} out of range [0, {count})")
-        cdef const uint8_t *base = &data[0] if nbytes > 0 else NULL
+        cdef SendJob job
         cdef int64_t r
+        memset(&job, 0, sizeof(job))
+        job.dst = dst
+        job.base = &data[0] if nbytes > 0 else NULL
+        job.nbytes = nbytes
+        job.dtype = <uint8_t>dtype_code
+        job.tag = tag
+        job.tid = tid
+        job.count = <uint32_t>count
+        job.idx = idx
+        job.nidx = nidx
+        job.corrupt = corrupt
         with nogil:
-            r = self._send(dst, base, nbytes, <uint8_t>dtype_code, tag, tid, <uint32_t>count, idx,
-                           nidx, corrupt, rate_bps, burst_bytes)
+            r = self._job_alloc(&job)
+            if r == 0:
+                r = self._send(&job, rate_bps, burst_bytes, credit)
+                _job_free(&job)
         if r < 0:
             import errno as _errno
             import os as _os
@@ -1034,146 +1157,192 @@ cdef class Core:
                         hm + <size_t>i * rec + HEADER_BYTES)
                 i += 1
 
-    cdef int64_t _send(self, int dst, const uint8_t *base, uint64_t nbytes, uint8_t dtype,
-                       uint64_t tag, uint32_t tid, uint32_t count, const uint32_t *idx,
-                       uint64_t nidx, bint corrupt, double rate_bps,
-                       uint64_t burst_bytes) noexcept nogil:
-        cdef int maclen = MAC_BYTES if self.auth else 0
-        cdef int seg_full = HEADER_BYTES + self.stride + maclen
-        cdef int segs_per_msg = 1
+    cdef int _job_alloc(self, SendJob *j) noexcept nogil:
+        """The batch buffers of ``j``: 0, or -ENOMEM with nothing left allocated."""
         cdef int max_segs = SEND_MSGS * MAX_GSO_SEGS
-        cdef uint8_t *hm = <uint8_t *>malloc(<size_t>max_segs * (HEADER_BYTES + MAC_BYTES))
-        cdef uint8_t *cbuf = NULL
-        cdef iovec *iov = <iovec *>malloc(<size_t>max_segs * 3 * sizeof(iovec))
-        cdef mmsghdr *msgs = <mmsghdr *>calloc(SEND_MSGS, sizeof(mmsghdr))
-        cdef char *ctrl = <char *>calloc(SEND_MSGS, LM_CTRL_BYTES)
-        cdef const uint8_t **spay = <const uint8_t **>malloc(<size_t>max_segs * sizeof(uint8_t *))
-        cdef uint32_t *slen = <uint32_t *>malloc(<size_t>max_segs * sizeof(uint32_t))
-        cdef uint64_t pos = 0, sent = 0, sent_bytes = 0, batch_bytes, t0, now, due
-        cdef int nm, ns, k, r, err, done, retry_nogso
+        j.hm = <uint8_t *>malloc(<size_t>max_segs * (HEADER_BYTES + MAC_BYTES))
+        j.iov = <iovec *>malloc(<size_t>max_segs * 3 * sizeof(iovec))
+        j.msgs = <mmsghdr *>calloc(SEND_MSGS, sizeof(mmsghdr))
+        j.ctrl = <char *>calloc(SEND_MSGS, LM_CTRL_BYTES)
+        j.spay = <const uint8_t **>malloc(<size_t>max_segs * sizeof(uint8_t *))
+        j.slen = <uint32_t *>malloc(<size_t>max_segs * sizeof(uint32_t))
+        j.cbuf = NULL
+        if j.corrupt:
+            j.cbuf = <uint8_t *>malloc(<size_t>max_segs * self.stride + 1)
+        if (j.hm == NULL or j.iov == NULL or j.msgs == NULL or j.ctrl == NULL or j.spay == NULL or j.slen == NULL
+                or (j.corrupt and j.cbuf == NULL)):
+            _job_free(j)
+            return -12
+        return 0
+
+    cdef uint64_t _build_batch(self, SendJob *j, uint64_t pos, double rate_bps, uint64_t burst_bytes,
+                               uint32_t grant) noexcept nogil:
+        """Fill ``j``'s batch from send position ``pos``: up to SEND_MSGS messages of ``j.segs_per_msg`` segments,
+        at most ``burst_bytes`` when paced, chunk indices below ``grant`` only. Returns the position after it."""
+        cdef int k
         cdef uint32_t ci, plen
         cdef uint8_t *h
         cdef const uint8_t *payload
-        cdef int64_t result = 0
+        cdef uint32_t stride = <uint32_t>self.stride
+        j.nm = 0
+        j.ns = 0
+        j.batch_bytes = 0
+        while j.nm < SEND_MSGS and pos < j.nidx:
+            if rate_bps > 0 and j.batch_bytes > 0 and j.batch_bytes + j.seg_full > burst_bytes:
+                break
+            if (j.idx[pos] if j.idx != NULL else <uint32_t>pos) >= grant:
+                break
+            j.msgs[j.nm].msg_hdr.msg_name = &self.peers[j.dst]
+            j.msgs[j.nm].msg_hdr.msg_namelen = sizeof(lm_addr)
+            j.msgs[j.nm].msg_hdr.msg_iov = &j.iov[j.ns * 3]
+            j.msgs[j.nm].msg_hdr.msg_control = NULL
+            j.msgs[j.nm].msg_hdr.msg_controllen = 0
+            j.msgs[j.nm].msg_hdr.msg_flags = 0
+            k = 0
+            while k < j.segs_per_msg and pos < j.nidx:
+                ci = j.idx[pos] if j.idx != NULL else <uint32_t>pos
+                if ci >= grant:
+                    break
+                plen = stride if ci + 1 < j.count else <uint32_t>(j.nbytes - <uint64_t>stride * (j.count - 1))
+                # With GSO every segment but the last of a message must be full-sized.
+                if k > 0 and <int>(HEADER_BYTES + plen + j.maclen) != j.seg_full:
+                    break
+                h = j.hm + <size_t>j.ns * (HEADER_BYTES + MAC_BYTES)
+                self._put_header(h, K_DATA, j.dtype, j.tag, j.tid, ci, j.count, <uint16_t>plen)
+                payload = j.base + <uint64_t>ci * stride if plen else h
+                j.spay[j.ns] = payload
+                j.slen[j.ns] = plen
+                j.iov[j.ns * 3].iov_base = h
+                j.iov[j.ns * 3].iov_len = HEADER_BYTES
+                j.iov[j.ns * 3 + 1].iov_base = <void *>payload
+                j.iov[j.ns * 3 + 1].iov_len = plen
+                j.iov[j.ns * 3 + 2].iov_base = h + HEADER_BYTES
+                j.iov[j.ns * 3 + 2].iov_len = j.maclen
+                j.ns += 1
+                k += 1
+                pos += 1
+                j.batch_bytes += HEADER_BYTES + plen + j.maclen
+                if plen != stride:
+                    break
+            j.msgs[j.nm].msg_hdr.msg_iovlen = k * 3
+            if j.segs_per_msg > 1 and k > 1:
+                lm_msg_set_gso(&j.msgs[j.nm].msg_hdr, j.ctrl + <size_t>j.nm * LM_CTRL_BYTES, <uint16_t>j.seg_full)
+            j.nm += 1
+        return pos
+
+    cdef void _seal_batch(self, SendJob *j) noexcept nogil:
+        """MACs of the batch (four at a time), then the injected corruption (after the MAC)."""
+        cdef int k
+        cdef uint8_t *h
+        if self.auth:
+            self._mac_segments(j.dst, j.hm, j.spay, j.slen, j.ns)
+        if not j.corrupt:
+            return
+        for k in range(j.ns):
+            h = j.hm + <size_t>k * (HEADER_BYTES + MAC_BYTES)
+            if j.slen[k]:
+                memcpy(j.cbuf + <size_t>k * self.stride, j.spay[k], j.slen[k])
+                j.cbuf[<size_t>k * self.stride + j.slen[k] // 2] ^= 0x10
+                j.iov[k * 3 + 1].iov_base = j.cbuf + <size_t>k * self.stride
+            elif self.auth:
+                h[HEADER_BYTES] ^= 0x10
+            else:
+                h[O_TAG] ^= 0x10
+
+    cdef int _flush_batch(self, SendJob *j) noexcept nogil:
+        """Hand the batch to the kernel. Returns 0; 1 when the path refuses GSO (``self.gso`` is now off: rebuild
+        the batch); or -errno."""
+        cdef int done = 0, r, err
+        while done < j.nm:
+            r = sendmmsg(self.fd, j.msgs + done, j.nm - done, 0)
+            if r >= 0:
+                done += r
+                continue
+            err = lm_errno()
+            if err == EINTR:
+                continue
+            if err == EAGAIN or err == EWOULDBLOCK:
+                lm_wait_writable(self.fd, 10)
+            elif err == ENOBUFS:
+                lm_sleep_ns(50000)
+            elif (err == EIO or err == EINVAL or err == EMSGSIZE) and j.segs_per_msg > 1:
+                self.gso = False  # the path refuses GSO: one datagram per message from now on
+                return 1
+            elif err == EPERM or err == ECONNREFUSED:
+                done += 1  # dropped by a local firewall rule or an ICMP error: the datagram is lost
+            else:
+                return -err
+        return 0
+
+    cdef uint32_t _wait_credit(self, Credit *c, uint32_t need, uint32_t step, uint32_t count) noexcept nogil:
+        """Out of credit: sleep until the receiver grants chunk ``need`` (its grant wakes this thread), or until
+        CREDIT_WAIT_NS pass without any new grant; then grant itself ``step`` chunks past ``need``, so lost credits
+        or a receiver that never grants cost at most that wait per quarter window. Returns the grant."""
+        cdef uint64_t now, end = lm_now_ns() + CREDIT_WAIT_NS
+        cdef uint32_t g = lm_grant_load(&c.grant)
+        cdef uint32_t seen = g
+        while g <= need:
+            now = lm_now_ns()
+            if now >= end:
+                self.credit_timeouts += 1
+                lm_grant_raise(&c.grant, <uint32_t>min(<uint64_t>need + step, <uint64_t>count))
+                return lm_grant_load(&c.grant)
+            lm_grant_wait(&c.grant, g, end - now)
+            g = lm_grant_load(&c.grant)
+            if g != seen:  # the receiver is draining: wait afresh for the next grant
+                seen = g
+                end = lm_now_ns() + CREDIT_WAIT_NS
+        return g
+
+    cdef int64_t _send(self, SendJob *j, double rate_bps, uint64_t burst_bytes, uint32_t credit) noexcept nogil:
+        """Send ``j``'s chunks in batches of up to SEND_MSGS sendmmsg messages (GSO when on), paced at ``rate_bps``
+        with at most ``burst_bytes`` ahead of schedule, and within the receiver's grant when ``credit`` (a window
+        in chunks) is > 0. Returns the datagrams sent, or -errno."""
+        cdef uint64_t pos = 0, start, sent = 0, sent_bytes = 0, t0, now, due
         cdef double ns_per_byte = 0.0
-        if hm == NULL or iov == NULL or msgs == NULL or ctrl == NULL or spay == NULL or slen == NULL:
-            free(hm); free(iov); free(msgs); free(ctrl); free(spay); free(slen)
-            return -12
-        if corrupt:
-            cbuf = <uint8_t *>malloc(<size_t>max_segs * self.stride + 1)
-            if cbuf == NULL:
-                free(hm); free(iov); free(msgs); free(ctrl); free(spay); free(slen)
-                return -12
+        cdef int r = 0
+        cdef uint32_t grant = 0xFFFFFFFF, ci
+        cdef Credit *c = &self.credit[j.dst]
+        j.maclen = MAC_BYTES if self.auth else 0
+        j.seg_full = HEADER_BYTES + self.stride + j.maclen
         if rate_bps > 0:
             ns_per_byte = 8e9 / rate_bps
             if burst_bytes == 0:
                 burst_bytes = 256 * 1024
+        if credit > 0:  # open this message's grant: the first window needs none
+            lm_grant_store(&c.open, 0)
+            c.tag = j.tag
+            c.tid = j.tid
+            lm_grant_store(&c.grant, credit)
+            lm_grant_store(&c.open, 1)
         t0 = lm_now_ns()
-        while pos < nidx:
-            if self.gso and not corrupt:
-                segs_per_msg = GSO_MAX_BYTES // seg_full
-                if segs_per_msg > MAX_GSO_SEGS:
-                    segs_per_msg = MAX_GSO_SEGS
-                if segs_per_msg < 1:
-                    segs_per_msg = 1
-            else:
-                segs_per_msg = 1
-            # Build up to SEND_MSGS messages of up to segs_per_msg segments each.
-            nm = 0
-            ns = 0
-            batch_bytes = 0
-            while nm < SEND_MSGS and pos < nidx:
-                if rate_bps > 0 and batch_bytes > 0 and batch_bytes + seg_full > burst_bytes:
-                    break
-                msgs[nm].msg_hdr.msg_name = &self.peers[dst]
-                msgs[nm].msg_hdr.msg_namelen = sizeof(lm_addr)
-                msgs[nm].msg_hdr.msg_iov = &iov[ns * 3]
-                msgs[nm].msg_hdr.msg_control = NULL
-                msgs[nm].msg_hdr.msg_controllen = 0
-                msgs[nm].msg_hdr.msg_flags = 0
-                k = 0
-                while k < segs_per_msg and pos < nidx:
-                    ci = idx[pos] if idx != NULL else <uint32_t>pos
-                    plen = self.stride if ci + 1 < count else <uint32_t>(nbytes - <uint64_t>self.stride * (count - 1))
-                    # With GSO every segment but the last of a message must be full-sized.
-                    if k > 0 and <int>(HEADER_BYTES + plen + maclen) != seg_full:
-                        break
-                    h = hm + <size_t>ns * (HEADER_BYTES + MAC_BYTES)
-                    self._put_header(h, K_DATA, dtype, tag, tid, ci, count, <uint16_t>plen)
-                    payload = base + <uint64_t>ci * self.stride if plen else h
-                    spay[ns] = payload
-                    slen[ns] = plen
-                    iov[ns * 3].iov_base = h
-                    iov[ns * 3].iov_len = HEADER_BYTES
-                    iov[ns * 3 + 1].iov_base = <void *>payload
-                    iov[ns * 3 + 1].iov_len = plen
-                    iov[ns * 3 + 2].iov_base = h + HEADER_BYTES
-                    iov[ns * 3 + 2].iov_len = maclen
-                    ns += 1
-                    k += 1
-                    pos += 1
-                    batch_bytes += HEADER_BYTES + plen + maclen
-                    if plen != <uint32_t>self.stride:
-                        break
-                msgs[nm].msg_hdr.msg_iovlen = k * 3
-                if segs_per_msg > 1 and k > 1:
-                    lm_msg_set_gso(&msgs[nm].msg_hdr, ctrl + <size_t>nm * LM_CTRL_BYTES, <uint16_t>seg_full)
-                nm += 1
-            # MACs of the whole batch (four at a time), then injected corruption after the MAC.
-            if self.auth:
-                self._mac_segments(dst, hm, spay, slen, ns)
-            if corrupt:
-                for k in range(ns):
-                    h = hm + <size_t>k * (HEADER_BYTES + MAC_BYTES)
-                    if slen[k]:
-                        memcpy(cbuf + <size_t>k * self.stride, spay[k], slen[k])
-                        cbuf[<size_t>k * self.stride + slen[k] // 2] ^= 0x10
-                        iov[k * 3 + 1].iov_base = cbuf + <size_t>k * self.stride
-                    elif self.auth:
-                        h[HEADER_BYTES] ^= 0x10
-                    else:
-                        h[O_TAG] ^= 0x10
-            # Pace: wait until this batch fits in the token bucket.
-            if rate_bps > 0:
+        while pos < j.nidx:
+            j.segs_per_msg = 1
+            if self.gso and not j.corrupt:
+                j.segs_per_msg = max(1, min(MAX_GSO_SEGS, GSO_MAX_BYTES // j.seg_full))
+            if credit > 0:
+                grant = lm_grant_load(&c.grant)
+                ci = j.idx[pos] if j.idx != NULL else <uint32_t>pos
+                if ci >= grant:
+                    grant = self._wait_credit(c, ci, max(1, credit >> 2), j.count)
+            start = pos
+            pos = self._build_batch(j, pos, rate_bps, burst_bytes, grant)
+            self._seal_batch(j)
+            if rate_bps > 0:  # pace: wait until this batch fits in the token bucket
                 due = t0 + <uint64_t>(sent_bytes * ns_per_byte)
                 now = lm_now_ns()
                 if due > now + <uint64_t>(burst_bytes * ns_per_byte):
                     lm_sleep_ns(due - now - <uint64_t>(burst_bytes * ns_per_byte))
-            done = 0
-            retry_nogso = 0
-            while done < nm:
-                r = sendmmsg(self.fd, msgs + done, nm - done, 0)
-                if r < 0:
-                    err = lm_errno()
-                    if err == EINTR:
-                        continue
-                    if err == EAGAIN or err == EWOULDBLOCK:
-                        lm_wait_writable(self.fd, 10)
-                        continue
-                    if err == ENOBUFS:
-                        lm_sleep_ns(50000)
-                        continue
-                    if (err == EIO or err == EINVAL or err == EMSGSIZE) and segs_per_msg > 1:
-                        # The path refuses GSO: fall back to one datagram per message, resend batch.
-                        self.gso = False
-                        retry_nogso = 1
-                        break
-                    if err == EPERM or err == ECONNREFUSED:
-                        # Dropped by a local firewall rule or an ICMP error: the datagram is lost.
-                        done += 1
-                        continue
-                    result = -err
-                    break
-                done += r
-            if result < 0:
+            r = self._flush_batch(j)
+            if r < 0:
                 break
-            if retry_nogso:
-                # Rewind to the first chunk of this batch and rebuild without GSO.
-                pos -= ns
+            if r == 1:  # rewind to the first chunk of this batch and rebuild it without GSO
+                pos = start
                 continue
-            sent += ns
-            sent_bytes += batch_bytes
-        free(hm); free(iov); free(msgs); free(ctrl); free(cbuf); free(spay); free(slen)
-        if result < 0:
-            return result
+            sent += j.ns
+            sent_bytes += j.batch_bytes
+        if credit > 0:
+            lm_grant_store(&c.open, 0)
+        if r < 0:
+            return r
         return <int64_t>sent

@@ -8,8 +8,11 @@
 #include <poll.h>
 #include <stdint.h>
 #include <string.h>
+#include <linux/futex.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
 #ifndef SOL_UDP
 #define SOL_UDP 17
@@ -94,5 +97,28 @@ static inline uint64_t lm_ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8);
 static inline void lm_st16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
 static inline void lm_st32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 static inline void lm_st64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+/* A sender's credit (receiver-driven ingest, docs/protocol.md "Incast"): the receive path raises it, the sending
+ * thread waits on it. The grant is a 32-bit chunk count, so it is its own futex word. */
+static inline uint32_t lm_grant_load(uint32_t *g) { return __atomic_load_n(g, __ATOMIC_ACQUIRE); }
+static inline void lm_grant_store(uint32_t *g, uint32_t v) { __atomic_store_n(g, v, __ATOMIC_RELEASE); }
+/* Raise *g to v if lower; wake a sender waiting on it. Returns 1 if it rose. */
+static inline int lm_grant_raise(uint32_t *g, uint32_t v) {
+    uint32_t old = __atomic_load_n(g, __ATOMIC_ACQUIRE);
+    while (old < v) {
+        if (__atomic_compare_exchange_n(g, &old, v, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            syscall(SYS_futex, g, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+            return 1;
+        }
+    }
+    return 0;
+}
+/* Sleep while *g == seen, at most timeout_ns (a wake, a signal or a changed value ends it early). */
+static inline void lm_grant_wait(uint32_t *g, uint32_t seen, uint64_t timeout_ns) {
+    struct timespec ts;
+    ts.tv_sec = (time_t)(timeout_ns / 1000000000ull);
+    ts.tv_nsec = (long)(timeout_ns % 1000000000ull);
+    syscall(SYS_futex, g, FUTEX_WAIT_PRIVATE, seen, &ts, NULL, 0);
+}
 
 #endif

@@ -11,9 +11,11 @@ number of a per-communicator sequence, which becomes the message tag, so a late 
 collective can never land in another. Collectives use tensor ids at and above ``COLLECTIVE_TENSOR_IDS``;
 point-to-point traffic on the same endpoint should stay below it.
 
-Incast control: in a many-to-one pattern (Gather, the reduce phase of Allreduce, Allgather) every
-sender paces itself at ``ingest_bps / number_of_senders``, so the receiver's socket buffer sees at most
-``ingest_bps`` in total and each sender's bursts stay small (see docs/protocol.md, "Incast").
+Incast control: in a many-to-one pattern (Gather, Allreduce, Allgather) the receiver drives its senders with
+credits: each sender may run a window of ``rcvbuf / (4 k)`` bytes past the highest chunk the receiver has drained,
+and the receiver grants more as it drains, so ``k`` senders never hold more than a quarter of its socket buffer in
+flight whatever its speed (see docs/protocol.md, "Incast"). ``ingest_bps``, when set, also caps the sum of
+their rates.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["COLLECTIVE_TENSOR_IDS", "CollectiveResult", "Comm", "DEFAULT_INGEST_BPS", "REDUCE_OPS"]
 
 COLLECTIVE_TENSOR_IDS = 0x8000_0000
-DEFAULT_INGEST_BPS = 4e9
+DEFAULT_INGEST_BPS: float | None = None
 REDUCE_OPS = ("sum", "mean", "max", "min")
 
 
@@ -147,18 +149,25 @@ class _Async:
 
     async def _gather_rows(self, rows: np.ndarray, sources: Sequence[int], tag: int, tid: int, deadline: float,
                            fill: FillPolicy | None) -> dict[int, RecvResult]:
+        """Receive ``rows[r]`` from every ``r`` of ``sources``, granting each the credit of an incast of that many."""
         ep = self.c.endpoint
-        futs = {r: ep.irecv(r, rows[r], tag=tag, tensor_id=tid, deadline=deadline, fill=fill) for r in sources}
+        _, window = self.c.incast(len(sources))
+        futs = {r: ep.irecv(r, rows[r], tag=tag, tensor_id=tid, deadline=deadline, fill=fill, credit_bytes=window)
+                for r in sources}
         done = await asyncio.gather(*futs.values())
         return dict(zip(futs, done, strict=True))
 
     async def _send_all(self, targets: Sequence[int], bufs: Sequence[np.ndarray], tag: int, tid: int,
                         senders: int | None) -> dict[int, SendResult]:
-        """Send ``bufs[i]`` to ``targets[i]``; ``senders`` > 0: each receiver is shared by that many. Returns what
-        was sent to each target."""
+        """Send ``bufs[i]`` to ``targets[i]``; ``senders`` > 0: each receiver is shared by that many, and grants
+        credit (see :meth:`Comm.incast`). Returns what was sent to each target."""
         ep = self.c.endpoint
-        rate, burst = (None, None) if senders is None else self.c.incast(senders)
-        return {dst: await ep.send(dst, buf, tag=tag, tensor_id=tid, rate_bps=rate, burst_bytes=burst)
+        if senders is None:
+            return {dst: await ep.send(dst, buf, tag=tag, tensor_id=tid)
+                    for dst, buf in zip(targets, bufs, strict=True)}
+        rate, window = self.c.incast(senders)
+        return {dst: await ep.send(dst, buf, tag=tag, tensor_id=tid, rate_bps=rate or 0.0, burst_bytes=window,
+                                   credit_bytes=window)
                 for dst, buf in zip(targets, bufs, strict=True)}
 
     def _others(self) -> list[int]:
@@ -332,8 +341,9 @@ class _Async:
             return fill
 
         ep = c.endpoint
-        futs = {j: ep.irecv(j, flat_out[shard[j]], tag=tag2, tensor_id=tid, deadline=end, fill=local_estimate(j))
-                for j in others}
+        _, window = c.incast(n - 1)
+        futs = {j: ep.irecv(j, flat_out[shard[j]], tag=tag2, tensor_id=tid, deadline=end, fill=local_estimate(j),
+                            credit_bytes=window) for j in others}
         mine = flat_out[shard[me]].copy()
         await self._send_all(others, [mine] * len(others), tag2, tid, n - 1)
         res.results = dict(zip(futs, await asyncio.gather(*futs.values()), strict=True))
@@ -362,16 +372,20 @@ class Comm:
         This rank's endpoint.
     control : TCPControl
         The reliable control channel.
-    ingest_bps : float
-        What one receiver can take in, in bits per second; many-to-one senders share it.
+    ingest_bps : float or None
+        Optional cap, in bits per second, on what many-to-one senders send to one receiver in total (each paces
+        itself at its share). None (the default): no cap, the receiver's credits alone set the pace.
     """
 
-    def __init__(self, endpoint: Endpoint, control: TCPControl, *, ingest_bps: float = DEFAULT_INGEST_BPS) -> None:
+    def __init__(self, endpoint: Endpoint, control: TCPControl, *,
+                 ingest_bps: float | None = DEFAULT_INGEST_BPS) -> None:
         if control.rank != endpoint.rank or control.size != endpoint.size:
             raise ValueError("endpoint and control channel disagree on rank or size")
         self.endpoint = endpoint
         self.control = control
-        self.ingest_bps = float(ingest_bps)
+        if ingest_bps is not None and not ingest_bps > 0:
+            raise ValueError(f"ingest_bps must be > 0 bits per second, or None for no cap; got {ingest_bps!r}")
+        self.ingest_bps = None if ingest_bps is None else float(ingest_bps)
         self.aio = _Async(self)
         self._seq = 0
 
@@ -411,7 +425,7 @@ class Comm:
         return self.size
 
     @classmethod
-    def from_world(cls, world: World, *, ingest_bps: float = DEFAULT_INGEST_BPS, control_timeout: float = 120.0,
+    def from_world(cls, world: World, *, ingest_bps: float | None = DEFAULT_INGEST_BPS, control_timeout: float = 120.0,
                    control_max_bytes: int = 1 << 20, **endpoint_kwargs: Any) -> Comm:
         """Build the communicator of a bootstrapped world (``lossympi.bootstrap.init()``).
 
@@ -441,14 +455,17 @@ class Comm:
             raise ValueError(f"tensor_id {tensor_id} must be in [0, 2**31)")
         return COLLECTIVE_TENSOR_IDS + tensor_id
 
-    def incast(self, senders: int) -> tuple[float, int]:
-        """Rate and burst of one of ``senders`` ranks sending to the same receiver at the same time.
+    def incast(self, senders: int) -> tuple[float | None, int]:
+        """Rate and window of one of ``senders`` ranks sending to the same receiver at the same time.
 
-        The rates add up to ``ingest_bps``; the bursts add up to a quarter of the receive buffer (peers are
-        configured alike, so this rank's buffer stands for the receiver's).
+        The window is both the credit window (the receiver posts its receives with it, the sender sends with it)
+        and the burst allowance of a capped rate; the windows add up to a quarter of the receive buffer (peers are
+        configured alike, so this rank's buffer stands for the receiver's). The rates add up to ``ingest_bps``
+        (None: no cap).
         """
         k = max(1, senders)
-        return self.ingest_bps / k, max(16 << 10, self.endpoint.rcvbuf // (4 * k))
+        rate = None if self.ingest_bps is None else self.ingest_bps / k
+        return rate, max(16 << 10, self.endpoint.rcvbuf // (4 * k))
 
     # ------------------------------------------------------------------ blocking API (mpi4py names)
     def Gather(self, sendbuf: np.ndarray, recvbuf: np.ndarray | None = None, root: int = 0,

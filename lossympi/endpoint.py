@@ -517,11 +517,14 @@ class Endpoint:
         deadline: float | None = None,
         timeout: float | None = None,
         fill: FillPolicy | None = None,
+        credit_bytes: int | None = None,
     ) -> asyncio.Future:
         """Post a receive now and return a future of its :class:`RecvResult` (call from the loop).
 
         ``deadline`` is absolute, on the ``time.monotonic()`` clock; ``timeout`` is relative. One of
-        them is required: a lossy receive always ends.
+        them is required: a lossy receive always ends. ``credit_bytes``: the sender is credit-driven with this
+        window (it passes the same to :meth:`send`), and this receive grants it more as it drains
+        (docs/protocol.md, "Incast").
         """
         loop = self._attach()
         self._check_peer(peer)
@@ -543,7 +546,7 @@ class Endpoint:
         flat = out.reshape(-1).view(np.uint8)
         count = chunk_count(flat.size, self.stride)
         bitmap = np.zeros((count + 7) // 8, np.uint8)
-        slot = self.core.post(peer, tag, tensor_id, flat, bitmap, code, out)
+        slot = self.core.post(peer, tag, tensor_id, flat, bitmap, code, out, self._credit_chunks(credit_bytes))
         # Only a successful post consumes the tag (a refused one must not shift the auto numbering).
         self._recv_tags[(peer, tensor_id)] = tag + 1
         fut = loop.create_future()
@@ -586,12 +589,18 @@ class Endpoint:
                                 timeout=timeout, fill=fill)
 
     # ------------------------------------------------------------------ send
+    def _credit_chunks(self, credit_bytes: int | None) -> int:
+        """A credit window in whole chunks (0: no credit); at least one chunk."""
+        if not credit_bytes:
+            return 0
+        return int(min(0xFFFF_FFFF, max(1, int(credit_bytes) // self.stride)))
+
     def _send_now(self, peer: int, flat: np.ndarray, code: int, tag: int, tid: int,
-                  indices: np.ndarray | None, corrupt: bool, rate: float, burst: int) -> int:
-        return self.core.send(peer, flat, code, tag, tid, indices, corrupt, rate, burst)
+                  indices: np.ndarray | None, corrupt: bool, rate: float, burst: int, credit: int = 0) -> int:
+        return self.core.send(peer, flat, code, tag, tid, indices, corrupt, rate, burst, credit)
 
     def _send_plan(self, peer: int, flat: np.ndarray, code: int, tag: int, tid: int,
-                   order: np.ndarray, corrupt: np.ndarray, rate: float, burst: int) -> int:
+                   order: np.ndarray, corrupt: np.ndarray, rate: float, burst: int, credit: int = 0) -> int:
         """Send ``order`` in runs of equal corruption flag (vectorised run detection)."""
         if order.size == 0:
             return 0
@@ -601,7 +610,7 @@ class Endpoint:
         n = 0
         for a, b in zip(starts, ends, strict=True):
             n += self._send_now(peer, flat, code, tag, tid, np.ascontiguousarray(order[a:b], np.uint32),
-                                bool(corrupt[a]), rate, burst)
+                                bool(corrupt[a]), rate, burst, credit)
         return n
 
     def _prepare_send(self, peer: int, array: np.ndarray, tag: int | None, tensor_id: int):
@@ -619,29 +628,33 @@ class Endpoint:
         return arr, flat, code, tag, count, plan
 
     async def send(self, peer: int, array: np.ndarray, *, tag: int | None = None, tensor_id: int = 0,
-                   rate_bps: float | None = None, burst_bytes: int | None = None) -> SendResult:
+                   rate_bps: float | None = None, burst_bytes: int | None = None,
+                   credit_bytes: int | None = None) -> SendResult:
         """Send ``array`` to ``peer`` as datagrams; returns once all are handed to the kernel.
 
         The array must not be modified until this returns. Transmission runs in a helper thread
-        without the GIL, so the event loop keeps receiving meanwhile. ``rate_bps`` overrides the
-        endpoint's send rate for this message and ``burst_bytes`` its burst allowance (collectives use
-        them to share a receiver among senders).
+        without the GIL, so the event loop keeps receiving meanwhile (and takes the receiver's credits).
+        ``rate_bps`` overrides the endpoint's send rate for this message and ``burst_bytes`` its burst
+        allowance; ``credit_bytes`` makes the send receiver-driven: at most that many bytes past the highest
+        chunk the receiver reported, which must have posted its receive with the same ``credit_bytes``
+        (collectives use these to share a receiver among senders; docs/protocol.md, "Incast").
         """
         loop = self._attach()
         arr, flat, code, tag, count, plan = self._prepare_send(peer, array, tag, tensor_id)
         rate = self.rate_bps if rate_bps is None else float(rate_bps)
         burst = self.burst_bytes if burst_bytes is None else max(1, int(burst_bytes))
+        credit = self._credit_chunks(credit_bytes)
         t0 = time.monotonic()
         if plan is None:
             n = await loop.run_in_executor(self._executor, self._send_now, peer, flat, code, tag,
-                                           tensor_id, None, False, rate, burst)
+                                           tensor_id, None, False, rate, burst, credit)
         else:
             n = await loop.run_in_executor(self._executor, self._send_plan, peer, flat, code, tag,
-                                           tensor_id, plan.order, plan.corrupt, rate, burst)
+                                           tensor_id, plan.order, plan.corrupt, rate, burst, credit)
             if plan.delayed.size:
                 await asyncio.sleep(plan.delay)
                 n += await loop.run_in_executor(self._executor, self._send_plan, peer, flat, code, tag,
-                                                tensor_id, plan.delayed, plan.delayed_corrupt, rate, burst)
+                                                tensor_id, plan.delayed, plan.delayed_corrupt, rate, burst, credit)
         if self.send_fin:
             # The end-of-message announcement, from the thread that sent the data (the same CPU's queue, so
             # it rarely overtakes them): the receiver stops waiting for chunks lost on the way.
@@ -676,13 +689,16 @@ class Endpoint:
         Keys: ``datagrams`` read from the socket (each GRO segment counts one), ``accepted`` chunks, ``duplicates``,
         ``stale``, ``overflow`` (dropped, the unexpected pool or the sender's share being full), ``pooled`` (put in the
         pool), ``pool_in_use``, ``fins`` (valid FINs, of open, future or closed messages), ``rejected`` (by reason),
-        ``rejected_by_sender`` (see :meth:`rejects_by_sender`), and the socket's ``gso``, ``gro``, ``auth``,
-        ``rcvbuf``, ``sndbuf`` and ``last_errno``.
+        ``rejected_by_sender`` (see :meth:`rejects_by_sender`), the receiver-driven ingest's ``credits_sent``,
+        ``credits_received`` and ``credit_timeouts`` (waits for a grant that ended without one), and the socket's
+        ``gso``, ``gro``, ``auth``, ``rcvbuf``, ``sndbuf`` and ``last_errno``.
         """
         c = self.core
         return {
             "datagrams": c.datagrams, "accepted": c.accepted, "duplicates": c.duplicates,
             "stale": c.stale, "overflow": c.overflow, "pooled": c.pooled, "pool_in_use": c.pool_in_use, "fins": c.fins,
+            "credits_sent": c.credits_sent, "credits_received": c.credits_received,
+            "credit_timeouts": c.credit_timeouts,
             "rejected": c.rejects_by_reason(),
             "rejected_by_sender": self.rejects_by_sender(), "gso": self.gso, "gro": self.gro, "auth": self.auth,
             "rcvbuf": self.rcvbuf, "sndbuf": self.sndbuf, "last_errno": errno.errorcode.get(c.last_errno),

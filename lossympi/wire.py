@@ -21,6 +21,7 @@ from lossympi._core import (
     HEADER_FIELDS,
     HEADER_FORMAT,
     HEADER_SIZE,
+    KIND_CREDIT,
     KIND_DATA,
     KIND_FIN,
     MAC_SIZE,
@@ -41,6 +42,7 @@ __all__ = [
     "HEADER",
     "HEADER_FIELDS",
     "HEADER_SIZE",
+    "KIND_CREDIT",
     "KIND_DATA",
     "KIND_FIN",
     "MAC_SIZE",
@@ -123,6 +125,14 @@ class Header:
         """The header of the FIN of message ``(src, tag, tensor_id)`` of ``count`` chunks, as the core sends it."""
         return cls(src=src, tag=tag, tensor_id=tensor_id, index=0, count=count, length=0, stride=stride,
                    dtype=dtype, flags=flags, kind=KIND_FIN)
+
+    @classmethod
+    def credit(cls, src: int, tag: int, tensor_id: int, grant: int, count: int, stride: int,
+               dtype: int = DTYPE_CODES["float32"], flags: int = FLAG_MAC) -> Header:
+        """The header of a CREDIT from receiver ``src`` for message ``(tag, tensor_id)`` of ``count`` chunks: its
+        sender may send chunk indices below ``grant`` (``index`` carries the grant)."""
+        return cls(src=src, tag=tag, tensor_id=tensor_id, index=grant, count=count, length=0, stride=stride,
+                   dtype=dtype, flags=flags, kind=KIND_CREDIT)
 
 
 def mac(key: bytes, data: bytes) -> bytes:

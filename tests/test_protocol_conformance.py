@@ -11,7 +11,10 @@ endpoint's counters, reject reasons and receive results are compared with what t
 5. the unexpected pool is a byte budget cut into datagram-sized entries, shared among the peers;
 6. the endpoint reads nothing before its first call, and only while its loop runs;
 7. every ``Endpoint`` parameter (``check_address`` included) is documented, and ``check_address`` does what it says;
-8. the default burst is what the document and the docstrings say (an eighth; a quarter split among incast senders).
+8. the default burst is what the document and the docstrings say (an eighth; a quarter split among incast senders);
+9. incast credits: the receiver grants ``min(count, hi + window)`` a quarter window at a time in CREDIT datagrams of
+   the documented layout, and a sender out of credit waits for a grant, or ``CREDIT_WAIT``, then grants itself a
+   quarter window.
 """
 
 from __future__ import annotations
@@ -302,11 +305,92 @@ def test_8_the_default_burst_is_what_the_documents_say():
     doc = " ".join(Endpoint.__doc__.split())
     m2 = re.search(rf"burst_bytes : int or None Bytes a sender may run ahead of its rate; default {FRACTION} of", doc)
     assert m2 and FRACTIONS[m2.group(1)] == divisor, doc
-    m3 = re.search(rf"bursts at `rcvbuf / \((\d) k\)`.*? add up to {FRACTION} of the receiver's buffer", incast)
+    m3 = re.search(rf"window of `rcvbuf / \((\d) k\)`.*? windows add up to {FRACTION} of the receiver's buffer", incast)
     assert m3 and int(m3.group(1)) == FRACTIONS[m3.group(2)], incast
     with worlds_and_endpoints(2, buffer_bytes=4 << 20) as (_w, (ep, _other)):
         assert ep.burst_bytes == max(64 << 10, ep.rcvbuf // divisor)
         comm = Comm(ep, SimpleNamespace(rank=ep.rank, size=ep.size))  # the control channel is not used here
         for k in (1, 3, 16):
             rate, burst = comm.incast(k)  # what every many-to-one collective passes to Endpoint.send
-            assert rate == comm.ingest_bps / k and burst == max(16 << 10, ep.rcvbuf // (int(m3.group(1)) * k))
+            assert rate is None and burst == max(16 << 10, ep.rcvbuf // (int(m3.group(1)) * k))
+            capped = Comm(ep, SimpleNamespace(rank=ep.rank, size=ep.size), ingest_bps=3e9)
+            assert capped.incast(k) == (3e9 / k, burst)
+
+
+# ------------------------------------------------------------------------------------------ 9. credits
+
+
+def test_9_the_credit_constants_are_the_documents():
+    incast = section("Incast (many senders, one receiver)")
+    m = re.search(r"`CREDIT_WAIT` = (\d+(?:\.\d+)?) ms", incast)
+    assert m and float(m.group(1)) / 1e3 == wire._core.CREDIT_WAIT_SECONDS, incast
+    assert "grant is `min(count, hi + window)`" in incast and "a quarter window past the last grant" in incast
+    assert "`kind = 3`, `index` = the grant, `length = 0`" in incast and wire.KIND_CREDIT == 3
+
+
+def credits_from(raw: socket.socket, expect: int) -> list[bytes]:
+    raw.settimeout(2)
+    return [raw.recv(65536) for _ in range(expect)]
+
+
+def test_9_the_receiver_grants_a_quarter_window_at_a_time(raw_sock):
+    """Chunks 0..99 of a 1000-chunk message, window 64: grants 80, 96, ..., 160 (each a quarter window past the last,
+    the first window being implicit), then 565 for a lone chunk 500 (indices, not arrivals), then 1000 (the end)."""
+    async def main():
+        with worlds_and_endpoints(2) as (worlds, (rx, _tx)):
+            key = worlds[0].keys[1]
+            rx.readmit(1, raw_sock.getsockname(), key)  # rank 1 is now our spy socket: rx's credits come here
+            x = np.arange(rx.stride // 4 * 1000, dtype=np.float32)
+            count = wire.chunk_count(x.nbytes, rx.stride)
+            fut = rx.irecv(1, np.zeros_like(x), tag=3, timeout=5, credit_bytes=64 * rx.stride)
+            await inject(rx, raw_sock, [chunk(rx, x, i, key, tag=3) for i in range(100)])
+            await inject(rx, raw_sock, [chunk(rx, x, 500, key, tag=3), chunk(rx, x, 999, key, tag=3)])
+            got = credits_from(raw_sock, 8)
+            heads = [wire.Header.unpack(d) for d in got]
+            assert [h.index for h in heads] == [80, 96, 112, 128, 144, 160, 565, 1000]
+            for d, h in zip(got, heads, strict=True):
+                assert (h.kind, h.src, h.tag, h.tensor_id, h.count, h.length, h.stride, h.dtype) == (
+                    wire.KIND_CREDIT, 0, 3, 0, count, 0, rx.stride, F32)
+                assert len(d) == wire.HEADER_SIZE + wire.MAC_SIZE and d[-16:] == wire.mac(key, d[:-16])
+            assert rx.stats()["credits_sent"] == 8
+            fut.cancel()
+
+    run(main())
+
+
+def test_9_a_sender_waits_for_its_grant_or_grants_itself_a_quarter_window(raw_sock):
+    """Window 64 of 1000 chunks to a spy that grants 200 once: the sender stops at its grant each time, and, with no
+    further credit, goes on a quarter window (16 chunks) per ``CREDIT_WAIT``: every chunk is sent, in order."""
+    async def main():
+        with worlds_and_endpoints(2) as (worlds, (tx, _rx)):
+            key = worlds[0].keys[1]
+            tx.readmit(1, raw_sock.getsockname(), key)
+            x = np.arange(tx.stride // 4 * 1000, dtype=np.float32)
+            raw_sock.setblocking(False)
+            raw_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            loop = asyncio.get_running_loop()
+            seen: list[int] = []
+
+            async def spy() -> None:
+                while len(seen) < 1000:
+                    h = wire.Header.unpack(await loop.sock_recv(raw_sock, 65536))
+                    if h.kind == wire.KIND_DATA:
+                        seen.append(h.index)
+
+            reader = asyncio.ensure_future(spy())
+            send = asyncio.ensure_future(tx.send(1, x, tag=4, credit_bytes=64 * tx.stride))
+            await wait_until(lambda: len(seen) >= 64, what="the first window")
+            stopped = len(seen)
+            # the sender stopped at its grant (a loaded machine may have waited out CREDIT_WAIT already)
+            assert stopped <= 64 + 16 * tx.stats()["credit_timeouts"]
+            grant = wire.pack_datagram(wire.Header.credit(1, 4, 0, 200, 1000, tx.stride), b"", key)
+            raw_sock.sendto(grant, tx.addresses[0])
+            sent = await asyncio.wait_for(send, 10)
+            await asyncio.wait_for(reader, 10)
+            assert seen == list(range(1000)) and sent.datagrams == 1000
+            st = tx.stats()
+            assert st["credits_received"] == 1
+            # the 800 chunks after the grant of 200 are self-granted 16 at a time; waits before it count too
+            assert 50 <= st["credit_timeouts"] <= 50 + (200 - 64) // 16
+
+    run(main())

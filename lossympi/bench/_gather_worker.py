@@ -263,7 +263,7 @@ def lossympi_main(args: argparse.Namespace) -> None:
     from lossympi.comm import Comm
 
     world = from_env(timeout=_CONNECT_TIMEOUT_S)
-    comm = Comm.from_world(world, ingest_bps=args.ingest_bps, control_timeout=3600.0, fill="zero")
+    comm = Comm.from_world(world, ingest_bps=args.ingest_bps or None, control_timeout=3600.0, fill="zero")
     row = row_values(comm.rank, args.d)
 
     async def sender() -> None:
@@ -283,7 +283,7 @@ async def _lossympi_root(args: argparse.Namespace, comm: Any, row: np.ndarray) -
     orch.send({"op": "hello", "transport": "lossympi", "ingest_bps": comm.ingest_bps, "gso": ep.gso,
                "gro": ep.gro, "auth": ep.auth, "rcvbuf": ep.rcvbuf, "sndbuf": ep.sndbuf,
                "datagram_bytes": ep.datagram_bytes, "stride": ep.stride,
-               "incast": dict(zip(("rate_bps", "burst_bytes"), comm.incast(comm.size - 1), strict=True))})
+               "incast": dict(zip(("rate_bps", "window_bytes"), comm.incast(comm.size - 1), strict=True))})
 
     async def gather_once(cmd: dict[str, Any], go: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
         before = ep.stats()
@@ -303,6 +303,7 @@ async def _lossympi_root(args: argparse.Namespace, comm: Any, row: np.ndarray) -
                 "lost_chunks": int(st["lost_chunks"]), "received": int(st["received"]),
                 "duplicate": int(st["duplicate"]), "rejected": int(st["rejected"]),
                 "overflow": int(after["overflow"] - before["overflow"]),
+                "credits_sent": int(after["credits_sent"] - before["credits_sent"]),
                 "datagrams": int(after["datagrams"] - before["datagrams"])}
 
     await _root_loop(orch, comm.aio, rows, gather_once)
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--transport", choices=TRANSPORTS, required=True)
     p.add_argument("--d", type=int, required=True)
     p.add_argument("--ctl", default=None, help="orchestrator's Unix socket (root only)")
-    p.add_argument("--ingest-bps", type=float, default=4e9)
+    p.add_argument("--ingest-bps", type=float, default=0.0, help="0: no cap (the root's credits pace the senders)")
     p.add_argument("--root-nice", type=int, default=0,
                    help="nice value of the root (rank 0), set before any thread starts so that all inherit it")
     args = p.parse_args(argv)

@@ -10,8 +10,8 @@ NFQUEUE delay line of :mod:`lossympi.netem.delayline` at each host's ingress), s
 The same gather of ``n`` rows of ``d`` float32 into an ``(n + 1, d)`` buffer at the root is done by:
 
 - **lossympi**: one process per host, bootstrapped with :func:`lossympi.bootstrap.from_env` (``LOSSYMPI_*``
-  variables, rendezvous on the root), ``Comm.aio.Gather`` with a deadline and incast pacing
-  (``Comm(ingest_bps=...)``: each sender at ``ingest_bps / n``);
+  variables, rendezvous on the root), ``Comm.aio.Gather`` with a deadline and the root's credits (each sender
+  runs a window past what the root drained; ``--ingest-gbps`` > 0 also caps each sender at ``ingest / n``);
 - **mpi**: :mod:`lossympi.baselines.mpi` (``mpi4py`` ``Gather`` into the root's rows) under MPICH, ranks started
   by Hydra in MPMD mode, one per namespace (``mpiexec -launcher fork -n 1 ip netns exec H0 python ... : -n 1 ip
   netns exec H1 python ...``), with the libfabric TCP provider on ``eth0`` and shared memory disabled
@@ -44,7 +44,8 @@ per transport and loss level, and the share of the CPUs used by other processes 
 lossympi's time is the wall time of ``Gather`` at the root: when anything is lost it returns at its deadline
 (lossympi has no end-of-message signal), so ``lossympi_data_s`` also reports when the last datagram was
 accepted (the transfer itself). The deadline is ``max(--min-deadline, --deadline-factor x expected)`` where
-``expected`` is the time of ``n x d x 4`` bytes (plus datagram headers and MACs) at ``ingest_bps``.
+``expected`` is the time of ``n x d x 4`` bytes (plus datagram headers and MACs) at ``--ingest-gbps`` (or
+``--deadline-gbps`` without a cap).
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ TRANSPORTS = ("lossympi", "grpc", "mpi", "tcp")
 DEFAULT_NS = "4,8,16"
 DEFAULT_DS = "1750000,25000000"
 DEFAULT_LOSSES = "0,0.01,0.05,0.1"
-DEFAULT_INGEST_GBPS = 3.0
+DEFAULT_INGEST_GBPS = 0.0  # no cap: the root's credits pace the senders
+DEFAULT_DEADLINE_GBPS = 3.0
 #: MPICH (ch4) over libfabric's TCP provider on the namespace's eth0, no shared memory between ranks.
 MPI_ENV = {
     "MPIR_CVAR_CH4_NETMOD": "ofi",
@@ -114,7 +116,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds: a gather running longer is stopped and reported as a lower bound; also the time "
                         "after which no further gather of that transport is started for a configuration")
     p.add_argument("--ingest-gbps", type=float, default=DEFAULT_INGEST_GBPS,
-                   help="lossympi Comm(ingest_bps=...) in Gbit/s: the senders share it (each at ingest/n)")
+                   help="lossympi Comm(ingest_bps=...) in Gbit/s, a cap the senders share (each at ingest/n) on top "
+                        "of the root's credits; 0: no cap, credits only")
+    p.add_argument("--deadline-gbps", type=float, default=DEFAULT_DEADLINE_GBPS,
+                   help="rate the lossympi deadline assumes when --ingest-gbps is 0")
     p.add_argument("--deadline-factor", type=float, default=4.0,
                    help="lossympi deadline = max(--min-deadline, factor x expected transfer time at the ingest rate)")
     p.add_argument("--min-deadline", type=float, default=1.0, help="lossympi deadline lower bound, seconds")
@@ -346,7 +351,8 @@ def _expected_seconds(n: int, d: int, ingest_bps: float, stride: int = 1424, dat
 
 
 def lossympi_deadline(n: int, d: int, args: argparse.Namespace) -> float:
-    return max(args.min_deadline, args.deadline_factor * _expected_seconds(n, d, args.ingest_gbps * 1e9))
+    rate = (args.ingest_gbps or args.deadline_gbps) * 1e9
+    return max(args.min_deadline, args.deadline_factor * _expected_seconds(n, d, rate))
 
 
 def _measure(group: Group, transport: str, n: int, d: int, args: argparse.Namespace, seq: itertools.count,
@@ -390,6 +396,7 @@ def _measure(group: Group, transport: str, n: int, d: int, args: argparse.Namesp
         out["match_fraction"] = sum(r["match_fraction"] for r in done) / len(done) if done else None
         out["complete_runs"] = sum(bool(r["complete"]) for r in done)
         out["overflow"] = sum(r["overflow"] for r in done)
+        out["credits_sent"] = sum(r.get("credits_sent", 0) for r in done)  # the root's grants (protocol.md, Incast)
         out["rejected"] = sum(r["rejected"] for r in done)
         # A delivered value that differs from the one sent would be a transport bug: lost chunks are 0.
         out["verified"] = all(abs(r["match_fraction"] - r["delivered"]) < 0.02 for r in done)
@@ -495,7 +502,9 @@ def _target(got: float | None, want: float, op: str) -> dict[str, Any]:
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "ingest_bps": args.ingest_gbps * 1e9,
-        "deadline_rule": f"max({args.min_deadline} s, {args.deadline_factor} x n*d*4*(1472/1424)*8/ingest_bps)",
+        "ingest": "credits" + (f" + {args.ingest_gbps:g} Gbit/s cap" if args.ingest_gbps else " (no rate cap)"),
+        "deadline_rule": f"max({args.min_deadline} s, {args.deadline_factor} x n*d*4*(1472/1424)*8/"
+                         f"{(args.ingest_gbps or args.deadline_gbps):g} Gbit/s)",
         "cap_s": args.cap, "repeats": args.repeats, "rate": args.rate, "root_nice": args.root_nice,
         "delay_ms": args.delay_ms, "jitter_ms": args.jitter_ms, "rtt_ms": 2 * args.delay_ms,
         "jitter_reorders": not args.no_reorder,

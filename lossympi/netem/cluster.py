@@ -35,7 +35,7 @@ from .registry import (
 from .spec import IMPAIRMENTS, LinkSpec
 from .subnet import _pick_subnet
 
-__all__ = ["SEGMENTATION_OFFLOADS", "Cluster"]
+__all__ = ["RECEIVE_OFFLOAD", "SEGMENTATION_OFFLOADS", "Cluster"]
 
 def _hosts_text(hosts: Sequence[int], n_hosts: int) -> str:
     """[0, 1, 2, 5] -> 'hosts 0-2, 5'; every host -> 'every host'."""
@@ -54,6 +54,9 @@ def _hosts_text(hosts: Sequence[int], n_hosts: int) -> str:
 #: Offloads switched off on every host's eth0 with ``Cluster(per_packet=True)`` (``ethtool -k`` names).
 SEGMENTATION_OFFLOADS = ("tx-tcp-segmentation", "tx-tcp6-segmentation", "tx-tcp-ecn-segmentation",
                          "tx-tcp-mangleid-segmentation", "tx-tcp-accecn-segmentation", "tx-udp-segmentation")
+#: Switched on with ``per_packet=True`` on every host's eth0 whose loss acts before it: the host merges what it
+#: receives after the loss point, as a NIC does after the wire (UDP_GRO sockets then read 64 KB at a time).
+RECEIVE_OFFLOAD = "rx-gro"
 
 
 class Cluster:
@@ -86,7 +89,10 @@ class Cluster:
         buffers: with the offloads on, one draw of ``loss`` drops up to 44 packets at once (a 2 x 80 KB gather
         at 5 % loss delivered 100 %, where per-packet loss gives 89-96 %). Generic segmentation stays on, so
         the stacks still build 64 KB buffers and the sending host cuts them into MTU-sized packets, as a NIC
-        doing TSO would. ``False`` keeps the veth defaults (faster, burst-correlated loss).
+        doing TSO would. The loss rules drop on the bridge side of each veth, and each host's ``eth0`` does GRO
+        (:data:`RECEIVE_OFFLOAD`) after them, as a NIC does after the wire, unless something per packet must act
+        after it (iptables loss, a delay line that drops, jitters or reorders at the host's INPUT).
+        ``False`` keeps the veth defaults (faster, burst-correlated loss).
 
     Attributes
     ----------
@@ -101,7 +107,8 @@ class Cluster:
     unavailable : dict
         Host -> list of asked-for impairments that are not emulated on its link.
     offloads : dict
-        Host -> {segmentation offload: active} on its ``eth0`` after :meth:`up` (empty with ``per_packet=False``).
+        Host -> {segmentation offload, and ``rx-gro``: active} on its ``eth0`` after :meth:`up` (empty with
+        ``per_packet=False``).
 
     Examples
     --------
@@ -320,9 +327,29 @@ class Cluster:
                 raise NetemError(f"host {i}: segmentation offloads {still} still on after switching them off")
             self.offloads[i] = now
 
+    def _receive_offload(self, host: int, gro: bool) -> None:
+        """GRO on host ``host``'s ``eth0`` where every per-packet impairment acts before it (see ``per_packet``);
+        recorded as ``offloads[host]["rx-gro"]``. A veth merges only what its peer could not have segmented itself:
+        the bridge-side ``h<host>`` gets the TCP segmentation offloads off too (it forwards single packets anyway)."""
+        from lossympi._ethtool import set_features
+
+        try:
+            set_features(f"h{host}", dict.fromkeys(SEGMENTATION_OFFLOADS, False), netns=self.bridge)
+            now = set_features(_HOST_DEV, {RECEIVE_OFFLOAD: gro}, netns=self.hosts[host])
+        except OSError as exc:
+            if gro:  # a host without GRO still works, only slower to receive
+                warnings.warn(f"cannot switch GRO on for host {host}'s {_HOST_DEV}: {exc}", NetemWarning,
+                              stacklevel=_user_stacklevel())
+                return
+            raise NetemError(f"cannot switch GRO off on host {host}'s {_HOST_DEV} ({exc}): its loss would drop "
+                             "whole 64 KB buffers") from exc
+        self.offloads.setdefault(host, {})[RECEIVE_OFFLOAD] = now.get(RECEIVE_OFFLOAD, False)
+
     def _apply(self, host: int, plan: _Plan, fresh: bool = False) -> None:
         """Configure ``host``'s link as ``plan`` says, replacing what was there (``fresh``: nothing was)."""
-        configure_link(self.hosts[host], self.bridge, host, plan, self.mtu, self._caps or {}, fresh=fresh)
+        gro = configure_link(self.hosts[host], self.bridge, host, plan, self.mtu, self._caps or {}, fresh=fresh)
+        if self.per_packet:
+            self._receive_offload(host, gro)
         if not fresh:  # the NFQUEUE delay line (lossympi.netem.lines): replaced, not reconfigured
             self._lines.stop(host, self.hosts[host], self._caps or {})
         if plan.line is not None:

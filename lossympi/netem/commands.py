@@ -52,8 +52,9 @@ def _qdisc_commands(dev: str, netem: Sequence[str] | None, rate_bps: float | Non
     return []
 
 
-def _nft_table_script(dev: str, loss: float, table: str = _NFT_TABLE) -> str:
-    """An nft script replacing table ``netdev <table>`` by one dropping ``loss`` of the IP packets entering ``dev``.
+def _nft_table_script(dev: str, loss: float, table: str = _NFT_TABLE, hook: str = "ingress") -> str:
+    """An nft script replacing table ``netdev <table>`` by one dropping ``loss`` of the IP packets entering ``dev``
+    (``hook="egress"``: leaving it).
 
     ``loss == 0`` only removes the table. The ``add``/``delete`` pair makes the delete succeed when the table does not
     exist; the whole script is one atomic transaction.
@@ -63,7 +64,7 @@ def _nft_table_script(dev: str, loss: float, table: str = _NFT_TABLE) -> str:
         threshold = round(loss * _LOSS_SCALE)
         lines += [
             f"table netdev {table} {{",
-            f'  chain drop_in {{ type filter hook ingress device "{dev}" priority 0; policy accept;',
+            f'  chain drop_{hook} {{ type filter hook {hook} device "{dev}" priority 0; policy accept;',
             f"    meta protocol {{ ip, ip6 }} numgen random mod {_LOSS_SCALE} < {threshold} counter drop",
             "  }",
             "}",
