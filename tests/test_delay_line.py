@@ -269,12 +269,31 @@ def test_gather_bench_delay_options() -> None:
     parser = argparse.ArgumentParser()
     gather.add_arguments(parser)
     args = parser.parse_args(["--delay-ms", "2", "--jitter-ms", "0.5", "--no-reorder"])
-    spec = gather._link(args, 0.05)  # the root's link; every other host gets _link(args)
+    spec = gather._link(args, 0.05, 2.0)  # the root's link; every other host gets _link(args, 0, delay)
     assert (spec.delay, spec.jitter, spec.jitter_reorders, spec.loss) == (0.002, 0.0005, False, 0.05)
-    assert gather._link(args).delay == 0.002
+    assert gather._link(args, 0.0, 2.0).delay == 0.002
     settings = gather._settings(args)
-    assert (settings["delay_ms"], settings["rtt_ms"], settings["jitter_ms"]) == (2.0, 4.0, 0.5)
+    assert (settings["delay_ms"], settings["jitter_ms"]) == ([2.0], 0.5)
     assert gather._link(parser.parse_args([])).wanted() == ()  # no delay asked: no delay line
+
+
+def test_gather_bench_sweeps_delays_and_extra_configurations() -> None:
+    """--delay-ms is a dimension of the sweep; --plus adds configurations outside the product; each record says
+    its RTT, and the >= 2x-vs-TCP target applies at 5% loss with a delay."""
+    from lossympi.bench import gather
+
+    parser = argparse.ArgumentParser()
+    gather.add_arguments(parser)
+    args = parser.parse_args(["--n", "8", "--d", "1750000", "--delay-ms", "0,1,5", "--plus", "16:25000000:1"])
+    assert gather.configurations(args) == [(8, 1750000, 0.0), (8, 1750000, 1.0), (8, 1750000, 5.0),
+                                           (16, 25000000, 1.0)]
+    per = {"lossympi": {"seconds": 0.1, "delivered": 0.95}, "tcp": {"seconds": 0.3}}
+    rec = gather.make_record(8, 1750000, 0.05, per, args, 1.0)
+    assert (rec["rtt_ms"], rec["targets"]["speedup_vs_tcp"]["met"]) == (2.0, True)
+    assert "speedup_vs_tcp" not in gather.make_record(8, 1750000, 0.05, per, args, 0.0)["targets"]
+    for bad in (["--plus", "16:25000000"], ["--plus", "a:b:c"], ["--delay-ms", "-1"]):
+        with pytest.raises(SystemExit):
+            gather._check(parser.parse_args(bad))
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -4,9 +4,11 @@ For every ``n`` (senders) and ``d`` (float32 elements per sender), one :class:`l
 ``n + 1`` hosts is built (network namespaces on one bridge; the root is host 0). The root's link drops each
 packet *entering* the root with probability ``loss`` (nftables; :meth:`Cluster.set_link` between loss levels),
 so every datagram or TCP segment of the gather is lost with probability ``loss``: TCP retransmits, lossympi
-does not. With ``--delay-ms D`` every host's link also delays what the host receives by ``D`` ms (netem, or the
-NFQUEUE delay line of :mod:`lossympi.netem.delayline` at each host's ingress), so the RTT between two hosts is
-``2 D``; ``--jitter-ms`` adds a uniform +-J (``--no-reorder`` keeps the order).
+does not. With ``--delay-ms D,...`` every host's link also delays what the host receives by ``D`` ms (netem, or
+the NFQUEUE delay line of :mod:`lossympi.netem.delayline` at each host's ingress), so the RTT between two hosts is
+``2 D``; ``--jitter-ms`` adds a uniform +-J (``--no-reorder`` keeps the order). The configurations are the
+product ``--n`` x ``--d`` x ``--delay-ms``, plus each ``--plus N:D:DELAY_MS``, every one at every ``--loss``: the
+paper's regime in one invocation is ``--n 8 --d 1750000 --delay-ms 0,1,5 --plus 16:25000000:1``.
 The same gather of ``n`` rows of ``d`` float32 into an ``(n + 1, d)`` buffer at the root is done by:
 
 - **lossympi**: one process per host, bootstrapped with :func:`lossympi.bootstrap.from_env` (``LOSSYMPI_*``
@@ -92,6 +94,7 @@ TARGET_SPEEDUP_VS_GRPC = 6.0
 TARGET_SPEEDUP_VS_MPI = 3.0
 TARGET_RATIO_VS_TCP = 1.5
 TARGET_LOSS_FACTOR = 1.2
+TARGET_SPEEDUP_VS_TCP_DELAYED = 2.0  # at 5% loss with a delay (issue 13: RTT 2 ms), lossympi vs raw TCP
 _START_TIMEOUT_S = 180.0  # process start, bootstrap, connections
 _READY_TIMEOUT_S = 120.0  # command -> "started" (small messages through the lossy link)
 _ROOT = Path(__file__).resolve().parents[2]
@@ -123,8 +126,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deadline-factor", type=float, default=4.0,
                    help="lossympi deadline = max(--min-deadline, factor x expected transfer time at the ingest rate)")
     p.add_argument("--min-deadline", type=float, default=1.0, help="lossympi deadline lower bound, seconds")
-    p.add_argument("--delay-ms", type=float, default=0.0,
-                   help="one-way delay of what every host receives, ms (RTT = 2 x D; netem or the NFQUEUE delay line)")
+    p.add_argument("--delay-ms", default="0", metavar="D,...",
+                   help="one-way delays of what every host receives, ms (RTT = 2 x D; netem or the NFQUEUE delay "
+                        "line): one more dimension of the sweep")
+    p.add_argument("--plus", action="append", default=[], metavar="N:D:DELAY_MS",
+                   help="one more configuration outside the --n x --d x --delay-ms product, at the same --loss "
+                        "levels (repeatable), e.g. --plus 16:25000000:1")
     p.add_argument("--jitter-ms", type=float, default=0.0, help="uniform delay variation +-J ms on every link")
     p.add_argument("--no-reorder", action="store_true", help="jitter keeps the order (default: reorders, as netem)")
     p.add_argument("--rate", default=None,
@@ -445,8 +452,8 @@ def _div(a: float | None, b: float | None) -> float | None:
     return round(a / b, 4) if a is not None and b else None
 
 
-def make_record(n: int, d: int, loss: float, per: dict[str, dict[str, Any]], args: argparse.Namespace
-                ) -> dict[str, Any]:
+def make_record(n: int, d: int, loss: float, per: dict[str, dict[str, Any]], args: argparse.Namespace,
+                delay_ms: float = 0.0) -> dict[str, Any]:
     def sec(t: str, key: str = "seconds") -> float | None:
         return _r(per[t].get(key)) if t in per and per[t].get(key) is not None else None
 
@@ -458,7 +465,8 @@ def make_record(n: int, d: int, loss: float, per: dict[str, dict[str, Any]], arg
     delivered = per.get("lossympi", {}).get("delivered")
     total = n * d * 4
     rec: dict[str, Any] = {
-        "n": n, "d": d, "loss": loss, "bytes_per_sender": d * 4, "total_bytes": total,
+        "n": n, "d": d, "loss": loss, "delay_ms": delay_ms, "rtt_ms": 2 * delay_ms, "bytes_per_sender": d * 4,
+        "total_bytes": total,
         "lossympi_s": lm, "grpc_s": grpc_s, "mpi_s": mpi_s, "tcp_s": tcp_s,
         "lossympi_data_s": lm_data,
         "delivered_fraction": _r(delivered, 6),
@@ -480,6 +488,8 @@ def make_record(n: int, d: int, loss: float, per: dict[str, dict[str, Any]], arg
         targets["speedup_vs_mpi"] = _target(rec["speedup_vs_mpi"], TARGET_SPEEDUP_VS_MPI, ">=")
         targets["speedup_vs_grpc_data"] = _target(rec["speedup_vs_grpc_data"], TARGET_SPEEDUP_VS_GRPC, ">=")
         targets["speedup_vs_mpi_data"] = _target(rec["speedup_vs_mpi_data"], TARGET_SPEEDUP_VS_MPI, ">=")
+        if delay_ms > 0:
+            targets["speedup_vs_tcp"] = _target(_div(tcp_s, lm), TARGET_SPEEDUP_VS_TCP_DELAYED, ">=")
     if loss > 0:
         targets["delivered_fraction"] = _target(rec["delivered_fraction"], 1 - TARGET_LOSS_FACTOR * loss, ">=")
     if loss == 0:
@@ -506,7 +516,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "deadline_rule": f"max({args.min_deadline} s, {args.deadline_factor} x n*d*4*(1472/1424)*8/"
                          f"{(args.ingest_gbps or args.deadline_gbps):g} Gbit/s)",
         "cap_s": args.cap, "repeats": args.repeats, "rate": args.rate, "root_nice": args.root_nice,
-        "delay_ms": args.delay_ms, "jitter_ms": args.jitter_ms, "rtt_ms": 2 * args.delay_ms,
+        "delay_ms": _floats(args.delay_ms), "jitter_ms": args.jitter_ms,
+        "plus": [list(c) for c in _plus(args)],
         "jitter_reorders": not args.no_reorder,
         "mpi_env": mpi_env(args.mpi_provider, args.mpi_env),
         "baselines": "lossympi.baselines (tcp, grpc, mpi): the code of aggregathor --transport tcp|grpc|mpi",
@@ -515,16 +526,16 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _link(args: argparse.Namespace, loss: float = 0.0) -> Any:
-    """A host's link: ``loss`` (the root's), ``--rate``, and the delay of what the host receives (``--delay-ms``)."""
+def _link(args: argparse.Namespace, loss: float = 0.0, delay_ms: float = 0.0) -> Any:
+    """A host's link: ``loss`` (the root's), ``--rate``, and the delay of what the host receives."""
     from lossympi.netem import LinkSpec
 
-    return LinkSpec(loss=loss, rate=args.rate, delay=args.delay_ms / 1e3, jitter=args.jitter_ms / 1e3,
+    return LinkSpec(loss=loss, rate=args.rate, delay=delay_ms / 1e3, jitter=args.jitter_ms / 1e3,
                     jitter_reorders=not args.no_reorder)
 
 
 def _load(files: str) -> dict[str, Any]:
-    merged: dict[tuple[int, int, float], dict[str, Any]] = {}
+    merged: dict[tuple[int, int, float, float], dict[str, Any]] = {}
     base: dict[str, Any] = {}
     sources = []
     for f in [x for x in files.split(",") if x.strip()]:
@@ -532,16 +543,42 @@ def _load(files: str) -> dict[str, Any]:
         base = base or data
         sources.append({"file": f, "command": data.get("command")})
         for rec in data.get("records", []):
-            merged[(rec["n"], rec["d"], float(rec["loss"]))] = rec
+            merged[(rec["n"], rec["d"], float(rec.get("delay_ms", 0.0)), float(rec["loss"]))] = rec
     out = dict(base)
     out["records"] = [merged[k] for k in sorted(merged)]
     out["sources"] = sources
     return out
 
 
+def _plus(args: argparse.Namespace) -> list[tuple[int, int, float]]:
+    """The ``--plus N:D:DELAY_MS`` configurations; SystemExit naming a malformed one."""
+    out = []
+    for spec in args.plus:
+        parts = spec.split(":")
+        try:
+            n, d, delay = int(float(parts[0])), int(float(parts[1])), float(parts[2])
+        except (ValueError, IndexError):
+            raise SystemExit(f"--plus {spec!r}: expected N:D:DELAY_MS, e.g. 16:25000000:1") from None
+        if len(parts) != 3 or n < 1 or d < 1 or not 0 <= delay < 1000:
+            raise SystemExit(f"--plus {spec!r}: expected N:D:DELAY_MS with N, D >= 1 and 0 <= DELAY_MS < 1000")
+        out.append((n, d, delay))
+    return out
+
+
+def configurations(args: argparse.Namespace) -> list[tuple[int, int, float]]:
+    """Every ``(n, d, delay_ms)`` the run measures: the product of ``--n``, ``--d`` and ``--delay-ms``, then
+    ``--plus`` (duplicates once)."""
+    grid = itertools.product(_ints(args.n), _ints(args.d), _floats(args.delay_ms))
+    return list(dict.fromkeys([*grid, *_plus(args)]))
+
+
 def _check(args: argparse.Namespace) -> tuple[list[int], list[int], list[float], list[str]]:
     """The ``n``, ``d``, loss and transport lists of ``args``; SystemExit naming the first bad one."""
     ns, ds, losses = _ints(args.n), _ints(args.d), _floats(args.loss)
+    delays = _floats(args.delay_ms)
+    if not delays or not all(0 <= x < 1000 for x in delays):
+        raise SystemExit("--delay-ms must be delays in ms in [0, 1000), e.g. 0,1,5")
+    _plus(args)
     transports = [t.strip() for t in args.transports.split(",") if t.strip()]
     bad = [t for t in transports if t not in TRANSPORTS]
     if bad or not transports:
@@ -570,6 +607,7 @@ class _Run:
         self.errors: list[str] = []
         self.cluster_info: dict[str, Any] = {}
         self.records: list[dict[str, Any]] = []
+        self.delay = 0.0  # ms, of the configuration being measured
         self.result: dict[str, Any] = {"benchmark": "gather", "settings": _settings(args), "records": self.records}
 
     def finish(self) -> dict[str, Any]:
@@ -577,17 +615,20 @@ class _Run:
                 self.t_start)
         return self.result
 
-    def configuration(self, n: int, d: int, losses: list[float], transports: list[str]) -> None:
-        """Every transport at every loss level on one cluster of ``n + 1`` hosts."""
+    def configuration(self, n: int, d: int, losses: list[float], transports: list[str], delay: float = 0.0
+                      ) -> None:
+        """Every transport at every loss level on one cluster of ``n + 1`` hosts whose links delay what they
+        receive by ``delay`` ms."""
         from lossympi.netem import Cluster
 
         args = self.args
         t_nd = time.monotonic()
         meter_nd = CpuMeter()
         per: dict[float, dict[str, dict[str, Any]]] = {p: {} for p in losses}
-        log(f"n={n} d={d}: building a cluster of {n + 1} hosts")
-        with Cluster(n + 1, link=_link(args), per_host={0: _link(args, losses[0])}, per_packet=not args.keep_gso,
-                     strict=args.delay_ms > 0) as c:
+        log(f"n={n} d={d}: building a cluster of {n + 1} hosts" + (f", RTT {2 * delay:g} ms" if delay else ""))
+        self.delay = delay
+        with Cluster(n + 1, link=_link(args, 0.0, delay), per_host={0: _link(args, losses[0], delay)},
+                     per_packet=not args.keep_gso, strict=delay > 0) as c:
             self.cluster_info = c.describe()
             if not args.keep_gso:
                 self.cluster_info["offloads_root"] = c.offloads[0]
@@ -596,7 +637,7 @@ class _Run:
             self.cluster_info["delay_lines"] = c.delay_line_stats()  # kernel queue counters: drops = saturation
         contention = meter_nd.stop()
         for p in losses:
-            self.records.append({**make_record(n, d, p, per[p], args), "contention": contention})
+            self.records.append({**make_record(n, d, p, per[p], args, delay), "contention": contention})
         if (contention.get("foreign_cpu_fraction") or 0) > 0.05:
             log(f"warning: other processes used {100 * contention['foreign_cpu_fraction']:.0f}% of the CPUs "
                 f"during n={n} d={d}: rerun it on an idle machine")
@@ -614,7 +655,7 @@ class _Run:
                 if start_failed is not None:  # do not wait for a broken launch at every level
                     per[p][t] = {"seconds": None, "capped": None, "error": start_failed}
                     continue
-                c.set_link(0, _link(self.args, p))
+                c.set_link(0, _link(self.args, p, self.delay))
                 t0 = time.monotonic()
                 try:
                     if group is None:
@@ -667,15 +708,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         from lossympi.netem import require_root_reason
 
-        ns, ds, losses, transports = _check(args)
+        _, _, losses, transports = _check(args)
         reason = require_root_reason()
         if reason:
             raise SystemExit(f"cannot build an emulated cluster here: {reason}")
         workdir = Path(tempfile.mkdtemp(prefix="lmgather"))
         try:
             state = _Run(args, workdir)
-            for n, d in itertools.product(ns, ds):
-                state.configuration(n, d, losses, transports)
+            for n, d, delay in configurations(args):
+                state.configuration(n, d, losses, transports, delay)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         result = state.finish()
@@ -734,7 +775,8 @@ def render(res: dict[str, Any]) -> str:
     rows = []
     for rec in res["records"]:
         lb = rec.get("lower_bound", {})
-        rows.append([rec["n"], _human(rec["d"]), f"{100 * rec['loss']:g}%", _cell(rec, "lossympi"),
+        rows.append([rec["n"], _human(rec["d"]), f"{rec.get('rtt_ms', 0):g}", f"{100 * rec['loss']:g}%",
+                     _cell(rec, "lossympi"),
                      "-" if rec.get("lossympi_data_s") is None else f"{rec['lossympi_data_s']:.3f}",
                      "-" if rec.get("delivered_fraction") is None else f"{rec['delivered_fraction']:.4f}",
                      _cell(rec, "grpc"), _cell(rec, "mpi"), _cell(rec, "tcp"),
@@ -753,7 +795,7 @@ def render(res: dict[str, Any]) -> str:
         f"cap {s.get('cap_s')} s; link rate {s.get('rate') or 'unlimited'}",
         f"host: nproc {h.get('nproc')}, {h.get('cpu_model')}, kernel {h.get('kernel')}",
         "",
-        table(["n", "d", "loss", "lossympi s", "lm data s", "delivered", "grpc s", "mpi s", "tcp s",
+        table(["n", "d", "rtt ms", "loss", "lossympi s", "lm data s", "delivered", "grpc s", "mpi s", "tcp s",
                "vs grpc", "vs mpi", "lm/tcp", "data vs grpc", "data vs mpi", "data/tcp"], rows),
         "",
         "vs grpc / vs mpi: their time / lossympi's Gather time; lm/tcp: lossympi's / TCP's; 'data' columns use "
@@ -780,14 +822,15 @@ def plot(res: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     recs = res["records"]
-    panels = sorted({(r["n"], r["d"]) for r in recs}, key=lambda k: (k[1], k[0]))
+    panels = sorted({(r["n"], r["d"], r.get("rtt_ms", 0)) for r in recs}, key=lambda k: (k[1], k[0], k[2]))
     if not panels:
         return
     cols = min(3, len(panels))
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 4.0 * nrows), squeeze=False)
-    for ax, (n, d) in zip(axes.flat, panels, strict=False):
-        rs = sorted((r for r in recs if r["n"] == n and r["d"] == d), key=lambda r: r["loss"])
+    for ax, (n, d, rtt) in zip(axes.flat, panels, strict=False):
+        rs = sorted((r for r in recs if (r["n"], r["d"], r.get("rtt_ms", 0)) == (n, d, rtt)),
+                    key=lambda r: r["loss"])
         x = [100 * r["loss"] for r in rs]
         for t in TRANSPORTS:
             ys = [r.get(f"{t}_s") for r in rs]
@@ -810,7 +853,7 @@ def plot(res: dict[str, Any], path: str) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("loss on the root's link (%)")
         ax.set_ylabel("seconds per gather")
-        ax.set_title(f"n={n} senders, d={_human(d)} float32 ({n * d * 4 / 1e6:.0f} MB)")
+        ax.set_title(f"n={n} senders, d={_human(d)} float32 ({n * d * 4 / 1e6:.0f} MB), RTT {rtt:g} ms", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.set_xticks(sorted(set(x)))
     for ax in list(axes.flat)[len(panels):]:
