@@ -7,7 +7,7 @@ wrong in float32 arithmetic that is exact on ordinary inputs:
    weight, computed in float64, falls below float32's smallest normal number (1.18e-38) for a huge row and
    becomes 0 when cast (TensorFlow flushes subnormals to zero on CPU), although its product with the row
    is of ordinary size. :func:`split_factor` writes every factor as ``lo * hi`` with ``hi`` a power of two,
-   both normal in float32 for factors in ``[2^-250, 2^250]``, and the rows are multiplied by ``lo`` then by
+   both normal in float32 for factors in ``[2^-248, 2^250]``, and the rows are multiplied by ``lo`` then by
    ``hi`` (exact: one rounding in all, as with one factor). Always inside an XLA function: outside,
    Grappler's arithmetic optimizer reorders a chain of products to multiply the small factors first
    (``x * (lo * hi)``), which flushes the factor to 0 again (XLA does not reassociate them). :func:`scale_rows`,
@@ -48,13 +48,15 @@ def sum_scale(k: int) -> float:
 def split_factor(s: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Factors ``(lo, hi)`` of a float64 vector ``s >= 0`` with ``lo * hi = s`` and ``hi`` a power of two.
 
-    ``hi = 2^floor(log2(s) / 2)``: for ``2^-250 <= s <= 2^250`` both are normal float32 numbers, where ``s``
-    itself may not be. ``s = 0`` gives ``(0, 1)``; a NaN gives NaN factors (so ``x * lo * hi`` is NaN).
+    ``hi = 2^ceil(log2(s) / 2)``: for ``2^-248 <= s <= 2^250`` both are normal float32 numbers, where ``s``
+    itself may not be, and for ``s <= 1`` both are at most 1, so ``x * lo`` cannot overflow (with ``floor``,
+    ``lo`` reaches 2 and a row near float32's maximum overflowed). ``s = 0`` gives ``(0, 1)``; a NaN gives
+    NaN factors (so ``x * lo * hi`` is NaN).
     """
     s = tf.convert_to_tensor(s, tf.float64)
     pos = s > 0.0
     safe = tf.where(pos, s, tf.ones_like(s))
-    hi = tf.math.pow(tf.constant(2.0, tf.float64), tf.math.floor(tf.math.log(safe) / (2.0 * math.log(2.0))))
+    hi = tf.math.pow(tf.constant(2.0, tf.float64), tf.math.ceil(tf.math.log(safe) / (2.0 * math.log(2.0))))
     hi = tf.where(pos, hi, tf.ones_like(s))
     hi = tf.where(tf.math.is_nan(s), s, hi)
     return s / hi, hi

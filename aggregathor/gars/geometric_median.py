@@ -46,7 +46,7 @@ class GeometricMedian(GAR):
     Any finite magnitude: the Gram is float64 (a row of 3e38 squares to 9e76), and the final weights are
     applied as two float32 factors each (:func:`~aggregathor.gars._scaling.weighted_sum`): the weight of a
     row at distance 1e38 is below float32's smallest normal number, yet its contribution is not 0. Limits:
-    a weight below :math:`2^{-250}` (a row farther than about 1e75 times the honest spread, impossible in
+    a weight below :math:`2^{-248}` (a row farther than about 1e75 times the honest spread, impossible in
     float32) or a value below about 1e-38 in magnitude counts as 0.
     """
 
