@@ -304,6 +304,7 @@ async def _lossympi_root(args: argparse.Namespace, comm: Any, row: np.ndarray) -
                 "duplicate": int(st["duplicate"]), "rejected": int(st["rejected"]),
                 "overflow": int(after["overflow"] - before["overflow"]),
                 "credits_sent": int(after["credits_sent"] - before["credits_sent"]),
+                "stale": int(after["stale"] - before["stale"]),  # datagrams of closed receives (late, or resent)
                 "datagrams": int(after["datagrams"] - before["datagrams"])}
 
     await _root_loop(orch, comm.aio, rows, gather_once)

@@ -404,6 +404,7 @@ def _measure(group: Group, transport: str, n: int, d: int, args: argparse.Namesp
         out["complete_runs"] = sum(bool(r["complete"]) for r in done)
         out["overflow"] = sum(r["overflow"] for r in done)
         out["credits_sent"] = sum(r.get("credits_sent", 0) for r in done)  # the root's grants (protocol.md, Incast)
+        out["stale"] = sum(r.get("stale", 0) for r in done)  # arrived after their receive had ended
         out["rejected"] = sum(r["rejected"] for r in done)
         # A delivered value that differs from the one sent would be a transport bug: lost chunks are 0.
         out["verified"] = all(abs(r["match_fraction"] - r["delivered"]) < 0.02 for r in done)
