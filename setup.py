@@ -27,6 +27,12 @@ extensions = [
         define_macros=[("_GNU_SOURCE", "1")],
         extra_compile_args=["-O3", "-Wno-unused-function"],
     ),
+    Extension(  # aggregathor's pairwise distances (portable -O3; ag_pairdist.h adds AVX2/AVX-512 clones on x86)
+        "aggregathor.gars._pairdist",
+        sources=[str((SRC / "_pairdist.pyx").relative_to(HERE))],
+        include_dirs=[str(SRC.relative_to(HERE))],
+        extra_compile_args=["-O3", "-fno-strict-aliasing", "-Wno-unused-function"],
+    ),
 ]
 
 setup(

@@ -132,3 +132,46 @@ def test_targets_only_at_the_target_point() -> None:
                                                      "met": True}
     assert ("krum", "ratio_vs_floor") not in got  # no floor target for Krum
     assert len(got) == 5
+
+
+def test_phases_of_the_distance_rules(capsys: pytest.CaptureFixture[str]) -> None:
+    """Krum, Multi-Krum and Bulyan report their three phases, each timed on its own (the others: null)."""
+    from aggregathor.gars import _distances
+
+    rc = main(["gars", "--n", "11", "--d", "3000", "--rules", "median,multi-krum,bulyan", "--repeats", "2",
+               "--json", "--quiet", "--no-reference"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    median, mk, bulyan = result["records"]
+    assert median["phases"] is None
+    for r in (mk, bulyan):
+        p = r["phases"]
+        for key in ("distances", "selection", "combination"):
+            assert _num(p[key]) and p[key] > 0 and len(p["times"][key]) == 2
+        assert p["sum"] == pytest.approx(p["distances"] + p["selection"] + p["combination"], rel=1e-3)
+        if _distances.kernel_available():  # the kernel's own split of the distances phase, measured in C
+            k = p["kernel"]
+            assert k["threads"] >= 1 and k["blocks_float32"] >= 1 and k["blocks_float64"] == 0
+            assert 0 <= k["scan_seconds"] and 0 < k["pairs_seconds"] <= p["distances"]
+    assert "phases distances" in render(result)
+
+
+def test_rules_all_skips_a_rule_whose_bound_does_not_hold(capsys: pytest.CaptureFixture[str]) -> None:
+    import aggregathor.gars as gars
+
+    names = gars.names()
+    blocked = []
+    for name in names:
+        try:
+            gars.get(name, 10, 1)
+        except ValueError:
+            blocked.append(name)
+    if not blocked:
+        pytest.skip("every registered rule runs at n = 10, f = 1")
+    rc = main(["gars", "--n", "10", "--f", "1", "--d", "200", "--repeats", "1", "--json", "--quiet",
+               "--no-reference"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert sorted(r["rule"] for r in result["records"]) == sorted(set(names) - set(blocked))
+    assert sorted(k.split()[0] for k in result["skipped"]) == sorted(blocked)
+    assert "not run, its bound does not hold" in render(result)

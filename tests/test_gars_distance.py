@@ -586,3 +586,116 @@ def test_wrappers_compose_and_round_trip() -> None:
     with pytest.raises(ValueError, match="unknown pre-aggregation wrapper"):
         gars.get("median", n, f, pre=["nope"])
     assert set(wrappers.names()) == {"nnm", "bucketing", "clipping", "arc"}
+
+
+# ======================================================================= the compiled kernel (issue 14)
+needs_kernel = pytest.mark.skipif(not _distances.kernel_available(), reason="the compiled kernel runs on CPU hosts")
+
+
+def _far_tight_cluster(seed: int, d: int = 40) -> np.ndarray:
+    """n = 11: rows 0..2 around 0 (with rows 3, 4 they make the robust centre, near 0), rows 3..10 a tight
+    cluster (spread 1e-3) at 1e3. Every Krum score and every round of Bulyan is decided inside the cluster,
+    by distances about 1e-12 of the rows' squared distance from the centre: a float32 Gram centred near 0
+    returns 0 for all of them."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(11, d))
+    x[3:] = 1e3 + 1e-3 * rng.normal(size=(8, d))
+    return x.astype(np.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("seed", range(4))
+def test_far_tight_cluster_selections_match_float64(seed: int) -> None:
+    n, f = 11, 2
+    x = _far_tight_cluster(seed)
+    want = np_dist(x)
+    got = _distances_of(x, ref_rows=2 * f + 1)  # the rules' centre (on the Gram path): near 0, far from the cluster
+    cluster = np.ix_(range(3, n), range(3, n))
+    np.testing.assert_allclose(got[cluster], want[cluster], rtol=1e-5)  # the in-cluster distances, not 0
+    scores = np_scores(want, f, list(range(n)))
+    krum = rule_for("krum", n, f)
+    assert int(krum.select(krum.distances(tf.constant(x)))) == int(np.argmin(scores))
+    mk = rule_for("multi-krum", n, f)
+    chosen = mk.select(mk.distances(tf.constant(x))).numpy().tolist()
+    assert chosen == np.argsort(scores, kind="stable")[: n - f - 2].tolist()
+    bulyan = rule_for("bulyan", n, f)
+    selected, far = bulyan.select(bulyan.distances(tf.constant(x)))
+    assert selected.numpy().tolist() == np_bulyan_selection(x, f) and not bool(far)
+    np.testing.assert_allclose(bulyan(x).numpy(), np_bulyan(x, f), rtol=1e-6)
+
+
+@needs_kernel
+def test_kernel_distances_at_any_finite_magnitude() -> None:
+    rng = np.random.default_rng(21)
+    cases = {
+        "near the float32 maximum": rng.uniform(-3e38, 3e38, size=(7, 300)),
+        "one huge row beside ordinary ones (mixed block: float64 path)": np.concatenate(
+            [rng.normal(size=(6, 300)), np.full((1, 300), 3e38)]),
+        "opposite huge rows (differences beyond float32)": np.array([[3e38] * 5, [-3e38] * 5, [1.0] * 5]),
+        "tiny rows (scaled up: their squares are below float32's range)": 1e-30 * rng.normal(size=(5, 64)),
+        "subnormal values": 1e-40 * rng.integers(1, 50, size=(5, 33)),
+        "the H2 case": np.array([[1.0, 1.0], [1.0, 2.0], [3e37, 3e37]]),
+    }
+    for what, rows in cases.items():
+        x = rows.astype(np.float32)
+        got = _distances_of(x, block=64)
+        want = np_dist(x)
+        assert np.all(np.isfinite(got)), what
+        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=what)
+        assert np.all(np.diag(got) == 0), what
+
+
+@needs_kernel
+def test_kernel_takes_the_float64_path_only_for_blocks_that_need_it() -> None:
+    rng = np.random.default_rng(22)
+    x = rng.normal(size=(9, 4096)).astype(np.float32)
+    x[8, 2048:] = 3e38  # the second half of one row is huge: of 4 blocks of 1024, 2 span more than 2^95
+    got = _distances.kernel_distances(x, block=1024, threads=1)
+    stats = _distances.LAST_KERNEL_STATS
+    assert (stats["blocks_float32"], stats["blocks_float64"]) == (2, 2)
+    np.testing.assert_allclose(got, np_dist(x), rtol=1e-6)
+    # the honest distances were not lost beside the huge row
+    np.testing.assert_allclose(got[:8, :8], np_dist(x[:8]), rtol=1e-6)
+    precise = _distances.kernel_distances(x, block=1024, threads=1, precise=True)
+    assert _distances.LAST_KERNEL_STATS["blocks_float64"] == 4
+    np.testing.assert_allclose(precise, np_dist(x), rtol=1e-12)
+
+
+@needs_kernel
+def test_kernel_threads_and_blocks_agree_and_clones_stay_exact() -> None:
+    rng = np.random.default_rng(23)
+    base = rng.normal(size=(5, 5000))
+    x = base[[0, 1, 2, 1, 3, 4, 1, 0, 2, 3, 4, 1, 0]].astype(np.float32)  # n = 13: a partial tile of rows
+    x[4, 17] = np.nan
+    one = _distances.kernel_distances(x, block=512, threads=1)
+    two = _distances.kernel_distances(x, block=512, threads=2)
+    wide = _distances.kernel_distances(x, block=16384, threads=3)
+    for got in (one, two, wide):
+        assert np.all(np.isinf(got[4])) and np.all(np.isinf(got[:, 4]))
+        for i in range(len(x)):
+            for j in range(len(x)):
+                if i != 4 and j != 4 and np.array_equal(x[i], x[j]):
+                    assert got[i, j] == 0.0
+                    np.testing.assert_array_equal(np.delete(got[i], [i, j]), np.delete(got[j], [i, j]))
+        np.testing.assert_allclose(got, one, rtol=1e-6)
+
+
+@needs_kernel
+def test_huge_rows_keep_the_selection_rules_finite() -> None:
+    """Multi-Krum's mean and Bulyan's coordinate phase at float32's maximum: sums and distances to the median
+    that would overflow rerun (or run) on rows scaled by a power of two."""
+    n, f = 11, 2
+    rng = np.random.default_rng(24)
+    x = (rng.uniform(0.5, 1.0, size=(n, 30)) * 3e38 * rng.choice([-1, 1], size=(n, 30))).astype(np.float32)
+    mk = rule_for("multi-krum", n, f)
+    np.testing.assert_allclose(mk(x).numpy(), np_multi_krum(x, f, n - f - 2), rtol=1e-5)
+    bulyan = rule_for("bulyan", n, f)
+    _, far = bulyan.select(bulyan.distances(tf.constant(x)))
+    assert bool(far)  # differences of these values overflow float32: the scaled coordinate phase runs
+    np.testing.assert_allclose(bulyan(x).numpy(), np_bulyan(x, f), rtol=1e-5)
+    agg = rule_for("bulyan", n, f, variant="multi-krum")
+    np.testing.assert_allclose(agg(x).numpy(), np_bulyan_aggregathor(x, f), rtol=1e-5)
+    same = np.full((n, 8), 3e38, np.float32)  # no difference overflows, the sums do: caught on the output
+    assert not bool(bulyan.select(bulyan.distances(tf.constant(same)))[1])
+    np.testing.assert_allclose(bulyan(same).numpy(), 3e38, rtol=1e-6)
+    np.testing.assert_allclose(mk(same).numpy(), 3e38, rtol=1e-6)

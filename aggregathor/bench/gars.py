@@ -25,13 +25,21 @@
    is reported instead; no extrapolated time is ever reported as a measurement. When the full reference
    ran, ``reference_max_abs_diff`` is the largest difference between the two outputs (a sanity check).
 
+5. **Phases** of the distance-based rules (Krum, Multi-Krum, Bulyan: their ``distances``, ``select`` and
+   ``combine`` methods), each compiled on its own and timed separately on the same data after the rule's
+   timed calls, in ``phases`` (medians; ``sum`` is their total, which also pays two more call overheads than
+   the fused rule); where the compiled distance kernel ran, ``phases.kernel`` has its own split of the
+   distances phase, measured in C: ``scan_seconds`` (reading each block from memory) and ``pairs_seconds``.
+
 Timed calls are synchronous: on the CPU eager calls return when done; on a GPU each call is followed by
 ``tf.test.experimental.sync_devices()``.
 
 Output: one JSON object whose ``records`` key holds one record per (rule, n, d), in run order, with
 ``rule, n, f, d, dtype, device, seconds, floor_seconds, reference_seconds, ratio_vs_floor,
-speedup_vs_reference`` and the details above; plus ``command``, ``host``, ``contention`` (the share of the
-CPUs other processes used during the whole run; each record also has its own, over its timed calls),
+speedup_vs_reference``, ``phases`` (item 5, or null) and the details above; plus ``skipped`` (with
+``--rules all``, the rules whose bound the ``(n, f)`` does not allow, with the reason), ``command``, ``host``,
+``contention`` (the share of the CPUs other processes used during the whole run; each record also has its own,
+over its timed calls),
 and ``targets``: issue 5's targets, evaluated on the records at n = 20, d = 1e7 when the run has them.
 """
 
@@ -156,13 +164,18 @@ def check_arguments(args: argparse.Namespace) -> None:
     if unknown:
         raise ValueError(f"--rules: unknown rule(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
     args.rule_list = list(dict.fromkeys(wanted))
+    # with --rules all, a rule whose bound (n, f) does not allow is skipped at that n (and listed in the JSON);
+    # a rule asked for by name must run everywhere
+    args.skipped = {}
     for n in args.n_list:
         f = default_f(n) if args.f is None else args.f
         for name in args.rule_list:
             try:
                 gars.get(name, n, f)
             except ValueError as exc:
-                raise ValueError(f"rule {name!r} cannot run at n={n}, f={f}: {exc}") from None
+                if args.rules.strip() != "all":
+                    raise ValueError(f"rule {name!r} cannot run at n={n}, f={f}: {exc}") from None
+                args.skipped[f"{name} n={n} f={f}"] = " ".join(str(exc).split())
     args.device_name = resolve_device(args.device)
 
 
@@ -311,8 +324,64 @@ def _bench_rule(name: str, rule: Any, x: Any, x_host: np.ndarray, floor_fn: Any,
     }
     log(f"  {name:18s} {seconds * 1e3:10.2f} ms  floor {floor_s * 1e3:8.2f} ms  x{seconds / floor_s:.2f}"
         f"  (compile {compile_s:.2f} s)")
+    rec["phases"] = _phase_timings(rule, x, args, device)
     _compare_with_reference(rec, rule, seconds, x_host, out_host, args)
     return rec
+
+
+PHASES = ("distances", "selection", "combination")
+
+
+def _phase_timings(rule: Any, x: Any, args: argparse.Namespace, device: str) -> dict[str, Any] | None:
+    """The phases of a distance-based rule (``distances``, ``select``, ``combine`` methods), each compiled as a
+    ``tf.function`` of its own and timed separately on the same data, ``--repeats`` rounds, medians in seconds.
+
+    Also, where the compiled distance kernel ran, its own split of the ``distances`` phase (measured in C per
+    block, the largest over its threads): ``scan_seconds`` (reading each block from memory, range checks,
+    copies) and ``pairs_seconds`` (the pair loops), with the blocks that took the float32 and float64 paths.
+    None for the other rules.
+    """
+    import tensorflow as tf
+
+    from aggregathor.gars import _distances
+
+    if not all(callable(getattr(rule, a, None)) for a in ("distances", "select", "combine")):
+        return None
+    n, d = (int(v) for v in x.shape)
+    timed = _timer(device)
+    dist_fn = tf.function(rule.distances, input_signature=[tf.TensorSpec([n, d], tf.float32)], autograph=False)
+    sel_fn = tf.function(rule.select, autograph=False)
+    comb_fn = tf.function(rule.combine, autograph=False)
+    times: dict[str, list[float]] = {p: [] for p in PHASES}
+    kernel: list[dict[str, Any]] = []
+    with tf.device(device):
+        sel = sel_fn(dist_fn(x))
+        comb_fn(x, sel)  # compile
+        for _ in range(args.repeats):
+            _distances.LAST_KERNEL_STATS.clear()
+            dt, dist = timed(dist_fn, x)
+            times["distances"].append(dt)
+            if _distances.LAST_KERNEL_STATS:
+                kernel.append(dict(_distances.LAST_KERNEL_STATS))
+            dt, sel = timed(sel_fn, dist)
+            times["selection"].append(dt)
+            dt, out = timed(lambda s: comb_fn(x, s), sel)
+            times["combination"].append(dt)
+            del out
+    out_rec: dict[str, Any] = {p: _round(_median(times[p])) for p in PHASES}
+    out_rec["sum"] = _round(sum(_median(times[p]) for p in PHASES))
+    out_rec["times"] = {p: [_round(t) for t in times[p]] for p in PHASES}
+    out_rec["kernel"] = None
+    if kernel:
+        out_rec["kernel"] = {k: kernel[-1][k] for k in ("threads", "block")}
+        for k in ("blocks_float32", "blocks_float64"):
+            out_rec["kernel"][k] = kernel[-1][k]
+        for k in ("scan_seconds", "pairs_seconds"):
+            out_rec["kernel"][k] = _round(_median([s[k] for s in kernel]))
+    log(f"  {'':18s} phases: " + ", ".join(f"{p} {out_rec[p] * 1e3:.2f} ms" for p in PHASES)
+        + ("" if not kernel else f" (kernel: scan {out_rec['kernel']['scan_seconds'] * 1e3:.2f} ms, pairs "
+                                 f"{out_rec['kernel']['pairs_seconds'] * 1e3:.2f} ms per thread)"))
+    return out_rec
 
 
 def _compare_with_reference(rec: dict[str, Any], rule: Any, seconds: float, x_host: np.ndarray,
@@ -442,7 +511,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     full_device = None
     for n in args.n_list:
         f = default_f(n) if args.f is None else args.f
-        rules = {name: gars.get(name, n, f) for name in args.rule_list}
+        names = [name for name in args.rule_list if f"{name} n={n} f={f}" not in args.skipped]
+        rules = {name: gars.get(name, n, f) for name in names}
         for d in args.d_list:
             log(f"n={n} f={f} d={d} on {device}: generating {n * d * 4 / 1e9:.2f} GB of float32")
             x_host = make_data(n, d, f, noise=args.noise, seed=args.seed)
@@ -452,7 +522,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             floor_fn = tf.function(_floor, input_signature=[spec], jit_compile=True, autograph=False)
             with tf.device(device):
                 floor_fn(x)  # compile
-            for name in args.rule_list:
+            for name in names:
                 try:
                     records.append(_bench_rule(name, rules[name], x, x_host, floor_fn, args, device))
                 except Exception as exc:  # one broken rule must not lose the others' numbers
@@ -486,6 +556,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       "budget_seconds": args.reference_budget, "probe_d": args.reference_probe_d,
                       "enabled": not args.no_reference},
         "failed": [r["rule"] + f" n={r['n']} d={r['d']}" for r in records if r.get("error")],
+        "skipped": getattr(args, "skipped", {}),
         "targets": _targets(records),
         "target_point": {"n": TARGET_POINT[0], "d": TARGET_POINT[1]},
         "host": host,
@@ -499,6 +570,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- table
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1e3:.2f}"
+
+
+def _phase_note(r: dict[str, Any]) -> str:
+    p = r["phases"]
+    text = (f"{r['rule']} n={r['n']} d={r['d']}: phases " + ", ".join(f"{k} {_ms(p[k])} ms" for k in PHASES)
+            + f" (sum {_ms(p['sum'])} ms)")
+    k = p.get("kernel")
+    if k:
+        text += (f"; kernel per thread ({k['threads']} threads, blocks of {k['block']} columns, "
+                 f"{k['blocks_float32']} float32 / {k['blocks_float64']} float64): scan {_ms(k['scan_seconds'])} ms, "
+                 f"pairs {_ms(k['pairs_seconds'])} ms")
+    return text
 
 
 def render(result: dict[str, Any]) -> str:
@@ -517,12 +600,15 @@ def render(result: dict[str, Any]) -> str:
                             if r["reference_probe_seconds"] is not None else ""))
         if r.get("error"):
             notes.append(f"{r['rule']} n={r['n']} d={r['d']}: FAILED ({r['error']})")
+        if r.get("phases"):
+            notes.append(_phase_note(r))
         contention = r["contention"]
         ratio = "-" if r["ratio_vs_floor"] is None else f"{r['ratio_vs_floor']:.2f}x"
         rows.append([r["rule"], r["n"], r["f"], f"{r['d']:.0e}".replace("e+0", "e"), _ms(r["seconds"]),
                      _ms(r["floor_seconds"]), ratio,
                      fmt(r["reference_seconds"], 3), speedup,
                      "-" if contention is None else f"{contention * 100:.0f}%"])
+    notes += [f"{what}: not run, its bound does not hold ({why})" for what, why in result.get("skipped", {}).items()]
     lines = [table(["rule", "n", "f", "d", "ms", "floor ms", "vs floor", "reference s", "speedup",
                     "contention"], rows)]
     if notes:

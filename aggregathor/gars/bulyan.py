@@ -8,21 +8,46 @@ from typing import Any
 
 import tensorflow as tf
 
-from aggregathor.gars import _distances, _sortnet
+from aggregathor.gars import _distances, _scaling, _sortnet
 from aggregathor.gars.base import GAR, register
 
 _VARIANTS = ("krum", "multi-krum")
 
 
-@functools.cache
-def _selected_mean_around_median(beta: int) -> Callable[..., tf.Tensor]:
-    """XLA: per coordinate, the mean of the ``beta`` values of rows ``index`` closest to their median."""
+#: Squared distance above which a difference of two float32 values may exceed half of float32's maximum, so that
+#: a distance to the median, or a sum, may overflow: the coordinate phase then runs on rows scaled by a power
+#: of two (:func:`_scaled_or_not`).
+_FLOAT32_SAFE_SQ = (float(tf.float32.max) / 2.0) ** 2
 
-    def fn(x: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+
+@functools.cache
+def _selected_mean_around_median(beta: int, scaled: bool) -> Callable[..., tf.Tensor]:
+    """XLA: per coordinate, the mean of the ``beta`` values of rows ``index`` closest to their median.
+
+    ``scaled``: the rows are multiplied by ``scale`` (a power of two) as they are read and the result divided
+    by it; a separate function, so that the unscaled one has no product (XLA would repeat it at every use of
+    a row in the sorting network)."""
+
+    def fn(x: tf.Tensor, index: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
         rows = [_distances.take_row(x, index[k]) for k in range(int(index.shape[0]))]
+        if scaled:
+            rows = [r * scale for r in rows]
+            return _sortnet.mean_around_median(rows, beta) / scale
         return _sortnet.mean_around_median(rows, beta)
 
     return tf.function(fn, jit_compile=True, autograph=False)
+
+
+def _scaled_or_not(dist: tf.Tensor, used: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    """Whether the coordinate phase must scale its rows: some two of the ``used`` rows (bool ``(n,)``) are
+    so far apart (a finite squared distance above :data:`_FLOAT32_SAFE_SQ`, float32 rows only) that a
+    difference of their values may overflow. (An overflowing *sum* is caught afterwards: the output is not
+    finite, and the phase reruns scaled.)"""
+    if dtype != tf.float32:
+        return tf.constant(False)
+    pair = tf.logical_and(used[:, None], used[None, :])
+    far = tf.logical_and(pair, tf.logical_and(tf.math.is_finite(dist), dist > _FLOAT32_SAFE_SQ))
+    return tf.reduce_any(far)
 
 
 def _mean_closest(values: list[tf.Tensor], count: int, centre_rank: int, divisor: tf.Tensor) -> tf.Tensor:
@@ -46,7 +71,7 @@ def _mean_closest(values: list[tf.Tensor], count: int, centre_rank: int, divisor
 
 
 @functools.cache
-def _aggregathor_coordinate_phase(sizes: tuple[int, ...], beta: int) -> Callable[..., tf.Tensor]:
+def _aggregathor_coordinate_phase(sizes: tuple[int, ...], beta: int, scaled: bool) -> Callable[..., tf.Tensor]:
     """XLA: the AggregaThor variant's second stage, from the rows averaged in each round.
 
     ``order`` is ``(t, n)``: round k averages rows ``order[k, :sizes[k]]`` (a sum of dynamic row slices, no
@@ -55,14 +80,19 @@ def _aggregathor_coordinate_phase(sizes: tuple[int, ...], beta: int) -> Callable
     ``t // 2``, as ``std::nth_element`` at ``t / 2`` in the original) are averaged.
     """
 
-    def fn(x: tf.Tensor, order: tf.Tensor, divisors: tf.Tensor) -> tf.Tensor:
+    def fn(x: tf.Tensor, order: tf.Tensor, divisors: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
+        def row(i: tf.Tensor) -> tf.Tensor:
+            r = _distances.take_row(x, i)
+            return r * scale if scaled else r
+
         inter = []
         for k, size in enumerate(sizes):
-            total = _distances.take_row(x, order[k, 0])
+            total = row(order[k, 0])
             for j in range(1, size):
-                total = total + _distances.take_row(x, order[k, j])
+                total = total + row(order[k, j])
             inter.append(total / divisors[k])
-        return _mean_closest(inter, beta, len(sizes) // 2, divisors[-1])
+        out = _mean_closest(inter, beta, len(sizes) // 2, divisors[-1])
+        return out / scale if scaled else out
 
     return tf.function(fn, jit_compile=True, autograph=False)
 
@@ -104,13 +134,24 @@ class Bulyan(GAR):
     ``nan_robust``: non-finite rows have distance :math:`+\infty`, hence score :math:`+\infty`, and are never
     selected while at most ``f`` rows are non-finite (:math:`n - f \ge \theta` finite rows remain).
 
-    Cost: the blocked centred Gram, the selection on the ``(n, n)`` matrix, then one fused XLA pass that
-    reads only the :math:`\theta` selected rows (scalar-index gathers, which XLA fuses as dynamic slices: no
-    copy, no stack) and runs the sorting network of :math:`\theta` values on them
+    Cost, in three phases (:meth:`distances`, :meth:`select`, :meth:`combine`; ``python -m aggregathor.bench
+    gars`` times each): the squared distances, computed once (on the CPU one blocked pass of the compiled
+    kernel of :mod:`~aggregathor.gars._distances`; every round reuses them), the selection on the ``(n, n)``
+    matrix, then one fused XLA pass that reads only the :math:`\theta` selected rows (scalar-index gathers,
+    which XLA fuses as dynamic slices: no copy, no stack) and runs the sorting network of :math:`\theta` values
+    on them
     (:func:`~aggregathor.gars._sortnet.mean_around_median`). That is cheaper than masking the :math:`2f`
     unselected rows of all :math:`n` with :math:`\pm\infty` and sorting :math:`n` values: it reads
     :math:`\theta/n` of the data and its network is smaller (about 40 compare-exchanges for
     :math:`\theta = 12` against 97 for :math:`n = 20`).
+
+    Numeric limits: the selection has those of :class:`~aggregathor.gars.krum.Krum`. On the CPU (float32 rows)
+    the distances are sums of squared differences, exact to a few float32 roundings relative to themselves, so
+    the later rounds, which compare distances inside a cluster, order a tight cluster far from the others as
+    an exact computation does, at any finite magnitude. On a GPU or for float64 rows, the centred Gram cannot
+    tell apart rows closer than about ``1e-7`` of their distance from the robust centre. The coordinate phase
+    works in the rows' dtype: the AggregaThor variant's round means overflow to ``inf`` when the summed
+    entries exceed about ``max / m``, and the mean of the :math:`\beta` closest values likewise.
     """
 
     name = "bulyan"
@@ -171,14 +212,51 @@ class Bulyan(GAR):
         return tf.stack(orders)
 
     # ------------------------------------------------------------------------------------ aggregate
-    def aggregate(self, x: tf.Tensor) -> tf.Tensor:
-        self.check()
-        dist = _distances.pairwise_sq_distances(x, ref_rows=2 * self.f + 1)
+    def distances(self, x: tf.Tensor) -> tf.Tensor:
+        """Phase 1: the ``(n, n)`` float64 squared distances, computed once for every round."""
+        return _distances.pairwise_sq_distances(x, ref_rows=2 * self.f + 1)
+
+    def select(self, dist: tf.Tensor, dtype: tf.DType = tf.float32) -> tuple[tf.Tensor, tf.Tensor]:
+        """Phase 2: ``(selected, far)``: :meth:`selection` (``variant="krum"``) or the AggregaThor variant's
+        ``(t, n)`` rankings, and whether the coordinate phase must scale its rows (rows of ``dtype`` used by it
+        so far apart that their differences may overflow)."""
+        n = self.n
+        if self.variant == "krum":
+            selected = self.selection(dist)
+            used = tf.reduce_any(tf.equal(selected[:, None], tf.range(n, dtype=tf.int32)[None, :]), axis=0)
+        else:
+            selected = self._aggregathor_rounds(dist)
+            m = n - self.f - 2
+            mask = tf.range(m)[None, :] < (m - tf.range(int(selected.shape[0])))[:, None]  # round k: m - k rows
+            rows = tf.boolean_mask(selected[:, :m], mask)
+            used = tf.reduce_any(tf.equal(rows[:, None], tf.range(n, dtype=tf.int32)[None, :]), axis=0)
+        return selected, _scaled_or_not(dist, used, dtype)
+
+    def combine(self, x: tf.Tensor, selection: tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
+        """Phase 3: the coordinate-wise phase on the rows :meth:`select` chose (one fused XLA pass).
+
+        Run unscaled unless ``far``; when the output is not finite (a sum overflowed), rerun on rows scaled by
+        :func:`~aggregathor.gars._scaling.sum_scale` of the largest count summed (exact powers of two)."""
+        selected, far = selection
         if self.variant == "krum":
             beta = self.n - 4 * self.f
-            return _selected_mean_around_median(beta)(x, self.selection(dist))
-        t, m = self.n - 2 * self.f - 2, self.n - self.f - 2
-        sizes = tuple(m - k for k in range(t))
-        beta = t - 2 * self.f
-        divisors = tf.constant([*sizes, beta], x.dtype)
-        return _aggregathor_coordinate_phase(sizes, beta)(x, self._aggregathor_rounds(dist), divisors)
+            scale = tf.constant(_scaling.sum_scale(max(2, self.n - 2 * self.f)), x.dtype)
+
+            def run(scaled: bool) -> tf.Tensor:
+                return _selected_mean_around_median(beta, scaled)(x, selected, scale)
+        else:
+            t, m = self.n - 2 * self.f - 2, self.n - self.f - 2
+            sizes = tuple(m - k for k in range(t))
+            beta = t - 2 * self.f
+            divisors = tf.constant([*sizes, beta], x.dtype)
+            scale = tf.constant(_scaling.sum_scale(max(2, m)), x.dtype)
+
+            def run(scaled: bool) -> tf.Tensor:
+                return _aggregathor_coordinate_phase(sizes, beta, scaled)(x, selected, divisors, scale)
+
+        out = tf.cond(far, lambda: run(True), lambda: run(False))
+        return _scaling.finite_or(out, lambda: run(True))
+
+    def aggregate(self, x: tf.Tensor) -> tf.Tensor:
+        self.check()
+        return self.combine(x, self.select(self.distances(x), x.dtype))

@@ -25,8 +25,18 @@ class Krum(GAR):
     non-finite, it is never selected (every finite row then has :math:`n - f - 1 \ge n - f - 2` finite
     distances).
 
-    Cost: the centred, blocked Gram of :mod:`~aggregathor.gars._distances` (one read of the data plus the
-    ``(n, n)`` product), the scores on the ``(n, n)`` matrix, then one row copy.
+    Cost, in three phases (:meth:`distances`, :meth:`select`, :meth:`combine`; ``python -m aggregathor.bench
+    gars`` times each): the squared distances of :mod:`~aggregathor.gars._distances` (on the CPU, one blocked
+    pass of the compiled kernel over the data), the scores on the ``(n, n)`` matrix, then one row copy.
+
+    Numeric limits: on the CPU (float32 rows, the compiled kernel) each distance is a sum of squared differences,
+    exact to a few float32 roundings relative to itself at any finite magnitude up to float32's maximum and
+    however tight or far a cluster is; scores that differ by less than about ``1e-6`` relatively may be
+    ordered differently from an exact computation. Elsewhere (a GPU, float64 rows) the centred Gram of
+    :func:`~aggregathor.gars._distances.centred_gram`: its rounding is relative to the rows' distance from the
+    robust centre, so rows closer to each other than about ``1e-7`` of that distance (a tight cluster far from
+    the honest rows) are not told apart, and float32 rows beyond about ``1e19`` are handled by a rescaled norm
+    only on the diagonal.
     """
 
     name = "krum"
@@ -36,8 +46,18 @@ class Krum(GAR):
     def check(self) -> None:
         self._require(self.n >= 2 * self.f + 3, "n >= 2f + 3")
 
+    def distances(self, x: tf.Tensor) -> tf.Tensor:
+        """Phase 1: the ``(n, n)`` float64 squared distances (``+inf`` to and from non-finite rows)."""
+        return _distances.pairwise_sq_distances(x, ref_rows=2 * self.f + 1)
+
+    def select(self, dist: tf.Tensor) -> tf.Tensor:
+        """Phase 2: the index of the smallest score (ties: the lowest index), an int32 scalar."""
+        return _distances.first_argmin(_distances.krum_scores(dist, self.n - self.f - 2))
+
+    def combine(self, x: tf.Tensor, chosen: tf.Tensor) -> tf.Tensor:
+        """Phase 3: the selected row."""
+        return _distances.take_row(x, chosen)
+
     def aggregate(self, x: tf.Tensor) -> tf.Tensor:
         self.check()
-        dist = _distances.pairwise_sq_distances(x, ref_rows=2 * self.f + 1)
-        scores = _distances.krum_scores(dist, self.n - self.f - 2)
-        return _distances.take_row(x, _distances.first_argmin(scores))
+        return self.combine(x, self.select(self.distances(x)))

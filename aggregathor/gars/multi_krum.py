@@ -29,9 +29,17 @@ class MultiKrum(GAR):
     non-finite row has score :math:`+\infty`; with at most ``f`` of them, ``m <= n - f - 2`` finite rows are
     always chosen first.
 
-    Cost: the blocked centred Gram (one read of the data plus the product), then one fused XLA pass that
-    reads only the ``m`` selected rows (scalar-index gathers that XLA fuses as dynamic slices: no copy, no
-    stack, no matmul through which an unselected NaN row could leak).
+    Cost, in three phases (:meth:`distances`, :meth:`select`, :meth:`combine`; ``python -m aggregathor.bench
+    gars`` times each): the squared distances (on the CPU one blocked pass of the compiled kernel of
+    :mod:`~aggregathor.gars._distances`), the scores and a top-k on the ``(n, n)`` matrix, then one fused XLA
+    pass that reads only the ``m`` selected rows (scalar-index gathers that XLA fuses as dynamic slices: no
+    copy, no stack, no matmul through which an unselected NaN row could leak).
+
+    Numeric limits: those of :class:`~aggregathor.gars.krum.Krum` for the selection (on the CPU, exact to a
+    few float32 roundings at any finite magnitude; on a GPU or for float64 rows, the centred Gram cannot tell
+    apart rows closer than about ``1e-7`` of their distance from the robust centre). The mean is computed in
+    the rows' dtype: the sum of ``m`` selected rows overflows to ``inf`` when their entries exceed about
+    ``max / m`` (about ``2e37`` for float32 at ``m = 14``), the same as the float32 reference would.
     """
 
     name = "multi-krum"
@@ -60,10 +68,20 @@ class MultiKrum(GAR):
             cfg["m"] = self._m
         return cfg
 
-    def aggregate(self, x: tf.Tensor) -> tf.Tensor:
-        self.check()
-        dist = _distances.pairwise_sq_distances(x, ref_rows=2 * self.f + 1)
+    def distances(self, x: tf.Tensor) -> tf.Tensor:
+        """Phase 1: the ``(n, n)`` float64 squared distances (``+inf`` to and from non-finite rows)."""
+        return _distances.pairwise_sq_distances(x, ref_rows=2 * self.f + 1)
+
+    def select(self, dist: tf.Tensor) -> tf.Tensor:
+        """Phase 2: the ``m`` indices of smallest score, best first (ties: the lower index first), int32."""
         scores = _distances.krum_scores(dist, self.n - self.f - 2)
         # top_k is stable: among equal scores the lower index comes first
-        chosen = tf.math.top_k(-scores, k=self.m, sorted=True).indices
+        return tf.math.top_k(-scores, k=self.m, sorted=True).indices
+
+    def combine(self, x: tf.Tensor, chosen: tf.Tensor) -> tf.Tensor:
+        """Phase 3: the mean of the selected rows, added in the order of ``chosen``."""
         return _distances.mean_of_rows(x, chosen)
+
+    def aggregate(self, x: tf.Tensor) -> tf.Tensor:
+        self.check()
+        return self.combine(x, self.select(self.distances(x)))
