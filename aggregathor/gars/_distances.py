@@ -148,6 +148,7 @@ KERNEL_BLOCK = 4096
 USE_KERNEL: bool | None = None
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
 #: What the last :func:`kernel_distances` call did: ``threads``, ``block`` (columns), ``blocks_float32`` and
 #: ``blocks_float64`` (blocks that took each path), ``scan_seconds`` (reading the blocks from memory, range
 #: checks, copies) and ``pairs_seconds`` (the pair loops), each the largest over the threads, measured in C.
@@ -179,10 +180,11 @@ def _kernel_input(x: np.ndarray) -> np.ndarray:
 
 def _in_parallel(parts: int, fn: Callable[[int], Any]) -> None:
     """``fn(0) .. fn(parts - 1)``: part 0 in this thread, the others in a pool (the kernels release the GIL)."""
-    global _POOL
+    global _POOL, _POOL_SIZE
     if parts > 1:
-        if _POOL is None or _POOL._max_workers < parts - 1:
+        if _POOL is None or _POOL_SIZE < parts - 1:
             _POOL = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="aggregathor-kernel")
+            _POOL_SIZE = parts - 1
         futures = [_POOL.submit(fn, t) for t in range(1, parts)]
         fn(0)
         for fut in futures:
