@@ -93,6 +93,10 @@ def test_receiver_merges_after_a_per_datagram_loss() -> None:
     datagram per read)."""
     with Cluster(2, per_host={0: LinkSpec(loss=0.2)}) as c:
         assert c.offloads[0]["rx-gro"] is True and c.offloads[1]["tx-udp-segmentation"] is False
+        # the bridge side queues for the GRO veth's 256-packet ring, so a lagging host pushes back, not drops
+        qdisc = subprocess.run(["ip", "netns", "exec", c.bridge, "tc", "qdisc", "show", "dev", "h0"],
+                               capture_output=True, text=True, check=True).stdout
+        assert "pfifo" in qdisc and f"limit {netem.links.GRO_QUEUE_PACKETS}p" in qdisc, qdisc
         got = _gso_datagrams(c, 9301)
     keep, sigma = 0.8 * N, math.sqrt(N * 0.8 * 0.2)
     whole = _all_or_nothing(got["seen"])

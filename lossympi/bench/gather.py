@@ -425,6 +425,13 @@ def drop_counters(cluster: Any) -> dict[str, int]:
                 out[f"udp_{k}"] = int(fields[k])
     with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/net/softnet_stat") as fh:
         out["softnet_dropped"] = sum(int(ln.split()[1], 16) for ln in fh if ln.strip())
+    # The root's veth: with GRO on, packets wait in its NAPI ring (256), which drops when the root's softirq lags.
+    links = (("root_eth0_rx_dropped", cluster.command(0, ["ip", "-s", "-j", "link", "show", "eth0"]), "rx"),
+             ("bridge_h0_tx_dropped", ["ip", "-n", cluster.bridge, "-s", "-j", "link", "show", "h0"], "tx"))
+    for key, argv, way in links:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        with contextlib.suppress(ValueError, IndexError, KeyError, TypeError):
+            out[key] = int(json.loads(res.stdout)[0]["stats64"][way]["dropped"])
     return out
 
 

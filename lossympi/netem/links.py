@@ -17,6 +17,9 @@ from .programs import _run, _tool, _which
 
 __all__: list[str] = []
 
+GRO_QUEUE_PACKETS = 10_000
+"""Length of the fifo on the bridge side of a host doing GRO (its veth pushes back into it when its ring is full)."""
+
 
 def _egress_devices(host_ns: str, bridge_ns: str, host: int) -> dict[str, tuple[str, str]]:
     """direction -> (namespace, device whose egress carries that direction)."""
@@ -111,8 +114,16 @@ def configure_link(host_ns: str, bridge_ns: str, host: int, plan: _Plan, mtu: in
         nft_before_gro = _configure_nft(ip, host_ns, bridge_ns, host, plan, fresh)
     if caps.get("iptables"):
         _configure_iptables(ip, host_ns, plan, fresh)
+    queued = False  # a qdisc on the bridge side of the host's receive direction
     if tc is not None:
         for direction, (ns, dev) in devices.items():
             for argv in _qdisc_commands(dev, plan.netem.get(direction), plan.rate_bps, plan.rate_backend, mtu):
                 _run([tc, "-n", ns, *argv])
-    return gro_safe(plan, nft_before_gro)
+                queued = queued or direction == "in"
+    gro = gro_safe(plan, nft_before_gro)
+    if tc is not None and gro and not queued:
+        # A veth doing GRO takes what it receives into a 256-packet NAPI ring, dropped from when full (the host's
+        # softirq lags, as a NIC's rx ring overflows); with a qdisc on its peer the veth pushes back instead.
+        ns, dev = devices["in"]
+        _run([tc, "-n", ns, "qdisc", "replace", "dev", dev, "root", "pfifo", "limit", str(GRO_QUEUE_PACKETS)])
+    return gro
