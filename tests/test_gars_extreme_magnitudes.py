@@ -85,8 +85,10 @@ def test_issue_centered_clipping_from_zero() -> None:
     out, expect = _run("centered-clipping", [[1.0], [1.0], [3e37]], 1, tau=0.5, center="zero")
     np.testing.assert_allclose(expect, [0.5], rtol=1e-12)  # each row clipped to tau = 0.5 around 0
     np.testing.assert_allclose(out, expect, rtol=1e-6)
-    # opposite signs near the maximum: x_i - v overflows float32 (v = the median)
-    out, expect = _run("centered-clipping", [[3e38], [3e38], [-3e38], [-1.0], [1.0]], 1)
+    # opposite signs near the maximum: x_i - v overflows float32 (v = the median, 3e38); each of the two
+    # rows at -3e38 still pulls by tau / n: 3e38 - 2 * 1e38 / 5 = 2.6e38
+    out, expect = _run("centered-clipping", [[3e38], [3e38], [3e38], [-3e38], [-3e38]], 2, tau=1e38)
+    np.testing.assert_allclose(expect, [2.6e38], rtol=1e-6)
     np.testing.assert_allclose(out, expect, rtol=1e-6)
 
 
