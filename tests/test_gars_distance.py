@@ -10,6 +10,8 @@ time, which dominates, low: shapes are drawn from a few fixed ones so that compi
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import numpy as np
 import pytest
@@ -699,3 +701,28 @@ def test_huge_rows_keep_the_selection_rules_finite() -> None:
     assert not bool(bulyan.select(bulyan.distances(tf.constant(same)))[1])
     np.testing.assert_allclose(bulyan(same).numpy(), 3e38, rtol=1e-6)
     np.testing.assert_allclose(mk(same).numpy(), 3e38, rtol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_kernel_threads_work_in_a_forked_child() -> None:
+    """The thread pool made before a fork has no threads in the child: the child makes its own (no hang)."""
+    x = np.random.default_rng(25).normal(size=(6, 40000)).astype(np.float32)
+    want = _distances.kernel_distances(x, threads=2)  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        code = 1
+        try:
+            code = 0 if np.array_equal(_distances.kernel_distances(x, threads=2), want) else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the kernel hung in a forked child")

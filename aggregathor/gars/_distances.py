@@ -155,6 +155,16 @@ _POOL_SIZE = 0
 LAST_KERNEL_STATS: dict[str, Any] = {}
 
 
+def _forget_pool() -> None:
+    """In a forked child the pool's threads are gone: start a new pool there when needed."""
+    global _POOL, _POOL_SIZE
+    _POOL, _POOL_SIZE = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _cpu_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
