@@ -24,11 +24,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import pytest
-from test_netem import UDP_ECHO, UDP_PING  # the echo and the timed client: user-to-user round trips
 
 from lossympi import netem
 from lossympi.netem import Cluster, LinkSpec, NetemError
 from lossympi.netem import delayline as dl
+from lossympi.netem.probes import UDP_ECHO, UDP_PING  # the echo and the timed client: user-to-user round trips
 
 _nfqueue = pytest.importorskip("lossympi._nfqueue", reason="the compiled delay line is not built (pip install -e .)")
 

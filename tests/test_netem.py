@@ -219,28 +219,7 @@ UDP_SOURCE = textwrap.dedent(r"""
             time.sleep(0.001)
 """)
 
-UDP_ECHO = textwrap.dedent(r"""
-    import socket, sys
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind((sys.argv[1], int(sys.argv[2])))
-    print("ready", flush=True)
-    while True:
-        data, addr = s.recvfrom(65535)
-        s.sendto(data, addr)
-""")
-
-UDP_PING = textwrap.dedent(r"""
-    import json, socket, sys, time
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(2.0)
-    rtts = []
-    for i in range(int(sys.argv[3])):
-        t0 = time.perf_counter()
-        s.sendto(b"ping %d" % i, (sys.argv[1], int(sys.argv[2])))
-        if s.recv(100) == b"ping %d" % i:
-            rtts.append(time.perf_counter() - t0)
-    print(json.dumps(rtts))
-""")
+from lossympi.netem.probes import UDP_ECHO, UDP_PING  # noqa: E402 (shared with tools/netem_bench.py)
 
 TCP_SINK = textwrap.dedent(r"""
     import json, socket, sys, time

@@ -33,30 +33,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from lossympi.netem import Cluster, LinkSpec  # noqa: E402
+from lossympi.netem.probes import UDP_ECHO, UDP_PING  # noqa: E402
 
 PY = sys.executable
-UDP_ECHO = textwrap.dedent(r"""
-    import socket, sys
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind((sys.argv[1], int(sys.argv[2])))
-    print("ready", flush=True)
-    while True:
-        data, addr = s.recvfrom(65535)
-        s.sendto(data, addr)
-""")
-UDP_PING = textwrap.dedent(r"""
-    import json, socket, sys, time
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(2.0)
-    rtts = []
-    for i in range(int(sys.argv[3])):
-        t0 = time.perf_counter()
-        s.sendto(b"ping %d" % i, (sys.argv[1], int(sys.argv[2])))
-        if s.recv(100) == b"ping %d" % i:
-            rtts.append(time.perf_counter() - t0)
-        time.sleep(0.02)
-    print(json.dumps(rtts))
-""")
 FLOOD = textwrap.dedent(r"""
     import json, os, socket, sys, time
     host, port, seconds, flows = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
@@ -122,7 +101,7 @@ def part_rtt(delays_ms: list[float], n: int) -> list[dict[str, Any]]:
         with Cluster(2, link=LinkSpec(delay=d / 1e3), strict=d > 0) as c:
             ping = _ping(c, n)
             echo = _start(c, 1, UDP_ECHO, c.ips[1], 9300)
-            out = c.run(0, [PY, "-I", "-c", UDP_PING, c.ips[1], 9300, n], capture_output=True, text=True,
+            out = c.run(0, [PY, "-I", "-c", UDP_PING, c.ips[1], 9300, n, 0.02], capture_output=True, text=True,
                         check=True, timeout=120).stdout
             echo.kill()
             echo.communicate()

@@ -285,18 +285,11 @@ def start_ranks(cfg: dict[str, Any], *, cluster: Any = None, timeout: float = RU
     return json.loads(summary_path.read_text())
 
 
-def mpiexec_path() -> str:
-    """The mpiexec of this environment (the mpich wheel's, next to Python), else the one on PATH."""
-    here = Path(sys.executable).parent / "mpiexec"
-    found = str(here) if here.exists() else shutil.which("mpiexec")
-    if not found:
-        raise RuntimeError("--transport mpi needs mpiexec: pip install 'aggregathor-reborn[mpi]' (the mpich wheel)")
-    return found
-
-
 def start_mpiexec(cfg: dict[str, Any], *, timeout: float = RUN_TIMEOUT) -> dict[str, Any]:
     """Start the ``workers + 1`` ranks of ``cfg`` under ``mpiexec`` on this machine (``--launcher mpi``; each rank
     enters through ``tools/reproduce.py --rank``), wait for them, and return the server's summary."""
+    from lossympi.bench.gather import mpiexec_path  # the mpich wheel's, next to Python, else the one on PATH
+
     run_dir = Path(cfg["run_dir"])
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     argv = [mpiexec_path(), "-n", str(int(cfg["workers"]) + 1), "-env", "TF_NUM_INTRAOP_THREADS", "1",
