@@ -337,7 +337,7 @@ def _phase_timings(rule: Any, x: Any, args: argparse.Namespace, device: str) -> 
     ``tf.function`` of its own and timed separately on the same data, ``--repeats`` rounds, medians in seconds.
 
     Also, where the compiled distance kernel ran, its own split of the ``distances`` phase (measured in C per
-    block, the largest over its threads): ``scan_seconds`` (reading each block from memory, range checks,
+    block, summed and divided by its threads): ``scan_seconds`` (reading each block from memory, range checks,
     copies) and ``pairs_seconds`` (the pair loops), with the blocks that took the float32 and float64 paths.
     None for the other rules.
     """
@@ -373,7 +373,7 @@ def _phase_timings(rule: Any, x: Any, args: argparse.Namespace, device: str) -> 
     out_rec["times"] = {p: [_round(t) for t in times[p]] for p in PHASES}
     out_rec["kernel"] = None
     if kernel:
-        out_rec["kernel"] = {k: kernel[-1][k] for k in ("threads", "block")}
+        out_rec["kernel"] = {k: kernel[-1][k] for k in ("threads", "parts", "block")}
         for k in ("blocks_float32", "blocks_float64"):
             out_rec["kernel"][k] = kernel[-1][k]
         for k in ("scan_seconds", "pairs_seconds"):

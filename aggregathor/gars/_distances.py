@@ -83,6 +83,7 @@ is one ``(n', n) @ (n, d)`` matmul with non-finite rows zeroed first when there 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -143,15 +144,19 @@ def block_columns(n: int, d: int, itemsize: int = 4) -> int:
 #: computed, and the next block is prefetched meanwhile. Measured at n = 20, d = 1e7 on 2 cores, one thread:
 #: 1024 columns 98 ms, 2048 80 ms, 4096 70 ms, 8192 70 ms, 16384 74 ms.
 KERNEL_BLOCK = 4096
+#: The column range is cut into this many parts (fewer when d has fewer blocks), which the threads take one at
+#: a time: under contention a slowed thread takes fewer parts, instead of the call waiting for its half.
+KERNEL_PARTS = 16
 #: ``None``: use the kernel for float32 inputs when TensorFlow sees no GPU; ``True``/``False``: always/never.
 #: Read when a rule is traced.
 USE_KERNEL: bool | None = None
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
-#: What the last :func:`kernel_distances` call did: ``threads``, ``block`` (columns), ``blocks_float32`` and
-#: ``blocks_float64`` (blocks that took each path), ``scan_seconds`` (reading the blocks from memory, range
-#: checks, copies) and ``pairs_seconds`` (the pair loops), each the largest over the threads, measured in C.
+#: What the last :func:`kernel_distances` call did: ``threads``, ``parts``, ``block`` (columns), ``blocks_float32``
+#: and ``blocks_float64`` (blocks that took each path), ``scan_seconds`` (reading the blocks from memory, range
+#: checks, copies) and ``pairs_seconds`` (the pair loops), measured in C, summed over the parts and divided by
+#: the threads (the time per thread).
 LAST_KERNEL_STATS: dict[str, Any] = {}
 
 
@@ -188,19 +193,29 @@ def _kernel_input(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _in_parallel(parts: int, fn: Callable[[int], Any]) -> None:
-    """``fn(0) .. fn(parts - 1)``: part 0 in this thread, the others in a pool (the kernels release the GIL)."""
+def _in_parallel(parts: int, fn: Callable[[int], Any], threads: int) -> None:
+    """``fn(0) .. fn(parts - 1)`` on ``threads`` threads (this one and a pool; the kernels release the GIL),
+    each thread taking the next part as it finishes one: a thread slowed by another process does less."""
     global _POOL, _POOL_SIZE
-    if parts > 1:
-        if _POOL is None or _POOL_SIZE < parts - 1:
-            _POOL = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="aggregathor-kernel")
-            _POOL_SIZE = parts - 1
-        futures = [_POOL.submit(fn, t) for t in range(1, parts)]
-        fn(0)
+    threads = max(1, min(threads, parts))
+    todo = itertools.count()  # next() on a count is atomic under the GIL
+
+    def worker() -> None:
+        for t in todo:
+            if t >= parts:
+                return
+            fn(t)
+
+    if threads > 1:
+        if _POOL is None or _POOL_SIZE < threads - 1:
+            _POOL = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="aggregathor-kernel")
+            _POOL_SIZE = threads - 1
+        futures = [_POOL.submit(worker) for _ in range(threads - 1)]
+        worker()
         for fut in futures:
             fut.result()
     else:
-        fn(0)
+        worker()
 
 
 def kernel_distances(x: np.ndarray, *, block: int | None = None, precise: bool = False,
@@ -219,7 +234,8 @@ def kernel_distances(x: np.ndarray, *, block: int | None = None, precise: bool =
     n, d = x.shape
     width = max(1, min(int(block) if block else KERNEL_BLOCK, _pairdist.MAX_WIDTH))
     blocks = -(-d // width)
-    parts = max(1, min(int(threads) if threads else _cpu_threads(), blocks))
+    # a fixed split (it does not depend on the threads, so neither does the result), taken dynamically
+    parts = max(1, min(KERNEL_PARTS, blocks))
     bounds = [blocks * t // parts * width for t in range(parts)] + [d]
     accs = np.zeros((parts, n, n))
     bads = np.zeros((parts, n), np.uint8)
@@ -228,10 +244,12 @@ def kernel_distances(x: np.ndarray, *, block: int | None = None, precise: bool =
     def part(t: int) -> None:
         stats[t] = _pairdist.accumulate(x, bounds[t], bounds[t + 1], width, bool(precise), accs[t], bads[t])
 
-    _in_parallel(parts, part)
-    LAST_KERNEL_STATS.update(threads=parts, block=width, blocks_float32=sum(s[0] for s in stats),
-                             blocks_float64=sum(s[1] for s in stats), scan_seconds=max(s[2] for s in stats),
-                             pairs_seconds=max(s[3] for s in stats))
+    _in_parallel(parts, part, int(threads) if threads else _cpu_threads())
+    used = max(1, min(parts, int(threads) if threads else _cpu_threads()))
+    LAST_KERNEL_STATS.update(threads=used, parts=parts, block=width, blocks_float32=sum(s[0] for s in stats),
+                             blocks_float64=sum(s[1] for s in stats),
+                             scan_seconds=sum(s[2] for s in stats) / used,
+                             pairs_seconds=sum(s[3] for s in stats) / used)
     acc = accs[0] if parts == 1 else np.sum(accs, axis=0)  # a fixed order: deterministic for a given split
     dist = np.triu(acc, 1)
     dist = dist + dist.T
