@@ -1142,12 +1142,15 @@ def plot_scalability(path: Path, pts: Sequence[ScalePoint], recs: dict, exp: str
     own panel (their absolute rate is one process's)."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    lines = list(dict.fromkeys((r, f) for r, f, _, _, _ in pts))  # one colour per (rule, f) on both panels
+    colour = {line: plt.cm.tab10(i % 10) for i, line in enumerate(lines)}
     for sim, ax in ((False, axes[0]), (True, axes[1])):
         for rule, f, transport in dict.fromkeys((r, f, t) for r, f, t, _, s in pts if s == sim):
             xs = [n for r, ff, t, n, s in pts if (r, ff, t, s) == (rule, f, transport, sim)]
             ys = [(median([rate(x) for x in recs[(rule, f, transport, n, sim)]]) or 0)
                   * useful_gradients(rule, n, f) * batch for n in xs]
-            ax.plot(xs, ys, marker="o", linestyle="--" if sim else "-", label=scale_label(rule, f, transport))
+            ax.plot(xs, ys, marker="o", linestyle="--" if sim else "-", label=scale_label(rule, f, transport),
+                    color=colour[(rule, f)], markerfacecolor="white" if transport == "mpi" else None)
         ax.set_xlabel("workers n")
         ax.set_ylabel("useful samples/s")
         ax.set_title("simulated (one process)" if sim else "real processes, one 2-CPU machine", fontsize=9)
