@@ -247,3 +247,20 @@ def test_simulated_run_takes_the_majority_path(tmp_path: Any, monkeypatch: pytes
         assert np.array_equal(bits(x[3]), bits(x[4])) and not np.array_equal(x[4], x[5])  # rank 6 is Byzantine
         assert not np.array_equal(x[0], x[3])
         np.testing.assert_array_equal(bits(np.asarray(draco(6, 1)(x))), bits(honest_mean(x[[0, 3]])))
+
+
+def test_bucketing_works_after_a_draco_worker_turned_op_determinism_on():
+    """Draco's workers turn TensorFlow's op determinism on for their whole process (in-process under
+    ``--launcher simulate``); an unseeded bucketing built afterwards must still work (it failed with
+    "from_non_deterministic_state cannot be called when determinism is enabled")."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, tensorflow as tf\n"
+            "tf.config.experimental.enable_op_determinism()\n"
+            "from aggregathor import gars\n"
+            "out = gars.get('median', 6, 1, pre=['bucketing'])(np.ones((6, 10), np.float32))\n"
+            "print(float(out.numpy().sum()))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "10.0"

@@ -99,10 +99,11 @@ HEADER_BYTES = wire.HEADER_SIZE
 MAC_BYTES = wire.MAC_SIZE
 KIND_DATA = wire.KIND_DATA
 KIND_FIN = wire.KIND_FIN
+KIND_CREDIT = wire.KIND_CREDIT
 MAX_UDP = wire.MAX_DATAGRAM_BYTES
 REASONS = wire.REJECT_REASONS
 #: Counters of the live core that the model predicts exactly.
-COUNTERS = REASONS + ("stale", "duplicate", "accepted", "pooled", "overflow", "fin")
+COUNTERS = REASONS + ("stale", "duplicate", "accepted", "pooled", "overflow", "fin", "credit")
 CLASSES = ("random", "mutated", "header_fields", "truncated", "oversized", "spoofed", "replay", "fin", "gso", "valid")
 #: Share of the fuzzed datagrams per class (the generator keeps the running mix close to it).
 CLASS_SHARE = {
@@ -293,8 +294,10 @@ class Model:
             return Outcome("short", sender=snd)
         version, kind, dtype, flags, src, tag, tid, index, count, length, stride = HDR.unpack_from(d)
         claim = src if src < self.nranks else None  # charged whatever check fails
-        if (version != wire.PROTOCOL_VERSION or kind not in (KIND_DATA, KIND_FIN) or flags & ~wire.FLAG_MAC
-                or tag == wire.RESERVED_TAG or (kind == KIND_FIN and (length != 0 or index != 0))):
+        if (version != wire.PROTOCOL_VERSION or kind not in (KIND_DATA, KIND_FIN, KIND_CREDIT)
+                or flags & ~wire.FLAG_MAC or tag == wire.RESERVED_TAG
+                or (kind == KIND_FIN and (length != 0 or index != 0))
+                or (kind == KIND_CREDIT and (length != 0 or index > count))):
             return Outcome("header", claim, sender=snd)
         if claim is None:
             return Outcome("rank", sender=snd)
@@ -309,6 +312,8 @@ class Model:
                 return Outcome("mac", src, sender=snd)
             if not hmac.compare_digest(mac(key, d[: n - MAC_BYTES]), d[n - MAC_BYTES:]):
                 return Outcome("mac", src, sender=snd)
+        if kind == KIND_CREDIT:  # for one of this rank's sends; this receiver sends nothing: dropped, counted
+            return Outcome("credit")
         slot = self.slots.get((src, tid, tag))
         if slot is not None:
             return self._slot_outcome(slot, d, kind, dtype, index, count, length, stride)
@@ -417,7 +422,8 @@ def core_snapshot(ep: Endpoint) -> dict[str, int]:
     st = ep.stats()
     out = dict(st["rejected"])
     out.update(stale=st["stale"], duplicate=st["duplicates"], accepted=st["accepted"], pooled=st["pooled"],
-               overflow=st["overflow"], fin=st["fins"], datagrams=st["datagrams"], pool_in_use=st["pool_in_use"])
+               overflow=st["overflow"], fin=st["fins"], credit=st["credits_received"], datagrams=st["datagrams"],
+               pool_in_use=st["pool_in_use"])
     c = ep.counters()
     return out | _per_rank(c.claimed, c.stale, c.pool_drops, c.rejects)
 

@@ -26,6 +26,7 @@ at most ``f'`` output rows are non-finite and the composition is ``nan_robust`` 
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -205,12 +206,10 @@ class Bucketing(Wrapper):
         if self.permutation is not None and sorted(self.permutation) != list(range(self.n)):
             raise ValueError(f"{self.name}: not a permutation of range({self.n}): {self.permutation}")
         if self.permutation is None:
+            # without a seed, one from the OS: as unpredictable as a non-deterministic state, and still allowed
+            # when TensorFlow's op determinism is on (Draco's workers turn it on, in-process under simulate)
             with tf.init_scope():
-                self._gen = (
-                    tf.random.Generator.from_non_deterministic_state()
-                    if self.seed is None
-                    else tf.random.Generator.from_seed(self.seed)
-                )
+                self._gen = tf.random.Generator.from_seed(secrets.randbits(63) if self.seed is None else self.seed)
 
     def output_nf(self) -> tuple[int, int]:
         return math.ceil(self.n / self.s), self.f
