@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import aggregathor.gars as gars
-from aggregathor.gars import _distances, wrappers
+from aggregathor.gars import _distances, _scaling, wrappers
 
 SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 _RULES: dict[str, gars.GAR] = {}
@@ -286,7 +286,8 @@ def test_helpers_first_argmin_and_weighted_sums() -> None:
     assert int(_distances.first_argmin(v, tf.constant([True, False, True, True]))) == 2
     assert int(_distances.first_argmin(tf.constant([np.inf, np.inf], tf.float64))) == 0
     x = np.array([[1.0, 2.0], [np.nan, np.inf], [3.0, 5.0]], np.float32)
-    np.testing.assert_allclose(_distances.weighted_sum(tf.constant(x), tf.constant([0.5, 0.0, 0.25])), [1.25, 2.25])
+    np.testing.assert_allclose(_scaling.weighted_sum(tf.constant(x), tf.constant([0.5, 0.0, 0.25], tf.float64)),
+                               [1.25, 2.25])
     np.testing.assert_allclose(_distances.mean_of_rows(tf.constant(x), tf.constant([2, 0])), [2.0, 3.5])
 
 

@@ -75,8 +75,9 @@ cluster everything still works, only slower.
 
 Weighted sums of rows (the aggregate of every selection rule) never use a gather or ``tf.stack`` of the
 data, nor a matmul where ``0 * NaN = NaN`` would leak an unselected non-finite row: :func:`mean_of_rows`
-adds ``m`` rows picked by index (fused dynamic slices, reading only those rows), :func:`weighted_sum` and
-:func:`centred_combination` add all rows with a weight, skipping the rows of weight 0, :func:`mix_rows`
+adds ``m`` rows picked by index (fused dynamic slices, reading only those rows),
+:func:`~aggregathor.gars._scaling.weighted_sum` and :func:`~aggregathor.gars._scaling.centred_combination` add all
+rows with a weight, skipping the rows of weight 0, :func:`mix_rows`
 is one ``(n', n) @ (n, d)`` matmul with non-finite rows zeroed first when there are any.
 """
 
@@ -105,7 +106,6 @@ __all__ = [
     "kernel_available",
     "kernel_distances",
     "block_columns",
-    "centred_combination",
     "centred_gram",
     "coordinate_median",
     "distances_from_gram",
@@ -117,7 +117,6 @@ __all__ = [
     "mix_rows",
     "row_norms",
     "take_row",
-    "weighted_sum",
 ]
 
 #: Target size in bytes of one ``(n, B)`` column block of the input: 65536 columns of 20 float32 rows.
@@ -537,25 +536,6 @@ def mean_of_rows(x: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
 
 
 @functools.cache
-def _weighted_sum_fn() -> Callable[..., tf.Tensor]:
-    def fn(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
-        n = int(x.shape[0])
-        zero = tf.zeros([int(x.shape[1])], x.dtype)
-        total = zero
-        for i in range(n):
-            # the select keeps a NaN/Inf row of weight 0 out (0 * NaN = NaN)
-            total = total + tf.where(w[i] != 0, w[i] * x[i], zero)
-        return total
-
-    return tf.function(fn, jit_compile=True, autograph=False)
-
-
-def weighted_sum(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
-    """``sum_i w_i x_i`` over the rows with ``w_i != 0`` (rows of weight 0 are skipped, even if non-finite)."""
-    return _weighted_sum_fn()(x, tf.cast(w, x.dtype))
-
-
-@functools.cache
 def _median_fn() -> Callable[..., tf.Tensor]:
     def fn(x: tf.Tensor) -> tf.Tensor:
         return _sortnet.finite_or(_sortnet.nan_median(x), 0.0)
@@ -566,22 +546,6 @@ def _median_fn() -> Callable[..., tf.Tensor]:
 def coordinate_median(x: tf.Tensor) -> tf.Tensor:
     """The coordinate-wise median of the finite values of the rows, 0 where none is finite (one XLA pass)."""
     return _median_fn()(x)
-
-
-@functools.cache
-def _combination_fn() -> Callable[..., tf.Tensor]:
-    def fn(x: tf.Tensor, c: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
-        total = c
-        for i in range(int(x.shape[0])):
-            total = total + tf.where(w[i] != 0, w[i] * (x[i] - c), tf.zeros_like(c))
-        return total
-
-    return tf.function(fn, jit_compile=True, autograph=False)
-
-
-def centred_combination(x: tf.Tensor, c: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
-    """``c + sum_i w_i (x_i - c)`` over the rows with ``w_i != 0``: one fused XLA pass."""
-    return _combination_fn()(x, tf.cast(c, x.dtype), tf.cast(w, x.dtype))
 
 
 def row_norms(x: tf.Tensor, axis: int = 1) -> tf.Tensor:
