@@ -50,7 +50,7 @@ import struct
 import time
 from collections.abc import Mapping, Sequence
 
-from . import handshake
+from . import control_copies, handshake
 
 __all__ = ["ControlClosed", "ControlError", "TCPControl"]
 
@@ -120,7 +120,11 @@ class _Link:
     """One authenticated, sequenced TCP connection (rank 0 <-> rank r)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes, outbound: int,
-                 max_bytes: int) -> None:
+                 max_bytes: int, nonce: bytes = b"") -> None:
+        self.nonce = nonce  # rank 0's hello challenge: binds this link's UDP copies to it
+        self.copy_addr: tuple | None = None  # rank 0: where this rank's copy socket is (its first ready copy)
+        self.copy_seen = -1  # rank 0: the newest sequence number of an authentic copy from this rank
+        self.ready_seen = 0  # rank 0: ready frames applied, by either path
         self.reader = reader
         self.writer = writer
         self.key = key
@@ -208,6 +212,11 @@ class TCPControl:
     send_timeout : float
         Rank 0, elastic: seconds a link may keep announcements queued (its peer not reading) before it is
         dropped; a link with more than ``2 * max_bytes + 1 MiB`` queued is dropped at once.
+    copies : int
+        Elastic mode: UDP copies of every ready frame and small announcement (:mod:`lossympi.control_copies`);
+        0 sends none (rank 0's choice holds for every link: its welcome says whether it takes copies).
+    copy_spacing : float
+        Seconds between two copies of one frame.
 
     Attributes
     ----------
@@ -218,11 +227,19 @@ class TCPControl:
         ``timeout``).
     rejoins : int
         Rank 0: hellos accepted for a rank that had a link before (a restarted rank).
+    copy_counts : collections.Counter
+        Elastic mode, UDP copies received: ``first`` (a frame a copy delivered before its TCP twin: rank 0's ready
+        frames, a rank's announcements), ``duplicate``, and refused ones by reason (``malformed``, ``rank``,
+        ``auth``: bad MAC or no live link, ``op``: not a ready frame).
     """
 
     def __init__(self, rank: int, size: int, addresses: Sequence[tuple[str, int]], keys: Mapping[int, bytes],
                  listener: socket.socket | None = None, *, timeout: float = 120.0, max_bytes: int = 1 << 20,
-                 handshake_timeout: float = 5.0, max_handshakes: int = 64, send_timeout: float = 10.0) -> None:
+                 handshake_timeout: float = 5.0, max_handshakes: int = 64, send_timeout: float = 10.0,
+                 copies: int = control_copies.DEFAULT_COPIES,
+                 copy_spacing: float = control_copies.DEFAULT_SPACING) -> None:
+        if copies < 0 or copy_spacing < 0:
+            raise ValueError(f"copies={copies!r} and copy_spacing={copy_spacing!r} must be >= 0 (0 copies: TCP only)")
         if rank == 0 and size > 1 and listener is None:
             raise ValueError("rank 0 needs its control listener (World.control) to serve the control channel")
         self.rank = rank
@@ -240,6 +257,13 @@ class TCPControl:
         self.rejects: collections.Counter[str] = collections.Counter()
         self.link_failures: collections.Counter[str] = collections.Counter()
         self.rejoins = 0
+        self.copies = copies
+        self.copy_spacing = copy_spacing
+        self.copy_counts: collections.Counter[str] = collections.Counter()
+        self._copy_socket: control_copies.CopySocket | None = None
+        self._copy_dest: tuple | None = None  # rank r > 0: rank 0's copy socket (from the welcome)
+        self._inbox: control_copies.Inbox | None = None  # rank r > 0, elastic: announcements by TCP or copy
+        self._tcp_read: asyncio.Task | None = None  # rank r > 0, elastic: the TCP read in progress
         self._seen: set[int] = set()
         self._watchers: dict[int, asyncio.Task] = {}
         self._draining: dict[int, asyncio.Task] = {}
@@ -292,9 +316,11 @@ class TCPControl:
                 log.warning("control: refused a second connection for rank %d, whose link is alive", r)
             else:
                 # elastic: the other ranks only send ready frames to rank 0, so a larger frame is refused unread
-                link = _Link(reader, writer, key, 1, _OP.size if self.elastic else self.max_bytes)
-                if self.elastic:  # the hello is accepted: tell the rank (its link is installed once told)
-                    await asyncio.wait_for(link.send(_OP.pack(OP_WELCOME, 0)), self.handshake_timeout)
+                link = _Link(reader, writer, key, 1, _OP.size if self.elastic else self.max_bytes, nonce)
+                if self.elastic:  # the hello is accepted: tell the rank (its link is installed once told) and
+                    # where rank 0 takes UDP copies (port 0: none)
+                    port = self._copy_socket.port if self._copy_socket is not None else 0
+                    await asyncio.wait_for(link.send(_OP.pack(OP_WELCOME, port)), self.handshake_timeout)
                 if r in self.links:  # another hello for r won while this one was being welcomed
                     reason = "rank_taken"
                 else:
@@ -333,6 +359,11 @@ class TCPControl:
             finally:
                 self._handshake_tasks.discard(task)
 
+        if self.elastic and self.copies:
+            assert self.listener is not None
+            self._copy_socket = await control_copies.CopySocket.open(
+                self.listener.getsockname()[0], self.listener.family, self._on_copy_at_root, self.copies,
+                self.copy_spacing)
         server = await asyncio.start_server(handle, sock=self.listener)
         self._server = server
         try:
@@ -365,13 +396,39 @@ class TCPControl:
             if len(payload) != _OP.size or payload[0] != OP_READY:
                 reason = "bad_frame"
                 break
-            count = _OP.unpack(payload)[1]
-            self._ready_at[r] = count
-            if count == link.send_seq:
-                self._lagging.discard(r)  # caught up
-            if self._ready_event is not None:
-                self._ready_event.set()
+            self._on_ready(r, link, link.recv_seq - 1, _OP.unpack(payload)[1])
         self._drop(r, link, reason)
+
+    def _on_ready(self, r: int, link: _Link, seq: int, count: int) -> bool:
+        """Rank 0: apply rank ``r``'s ready frame ``seq`` (by TCP or a copy) unless already applied."""
+        if seq < link.ready_seen:
+            return False
+        link.ready_seen = seq + 1
+        self._ready_at[r] = count
+        if count == link.send_seq:
+            self._lagging.discard(r)  # caught up
+        if self._ready_event is not None:
+            self._ready_event.set()
+        return True
+
+    def _on_copy_at_root(self, data: bytes, addr: tuple) -> None:
+        """Rank 0: a datagram on the copy socket; only an authentic ready copy of a live link is used."""
+        got = control_copies.open_copy(data, self.size, _OP.size)
+        if isinstance(got, str):
+            self.copy_counts[got] += 1
+            return
+        r, seq, payload, mac = got
+        link = self.links.get(r)
+        if link is None or not control_copies.authentic(link.key, link.nonce, 0, r, seq, payload, mac):
+            self.copy_counts["auth"] += 1
+            return
+        if len(payload) != _OP.size or payload[0] != OP_READY:
+            self.copy_counts["op"] += 1
+            return
+        if seq > link.copy_seen:  # a fresh copy: its source is where this rank takes announcement copies
+            link.copy_seen = seq
+            link.copy_addr = addr
+        self.copy_counts["first" if self._on_ready(r, link, seq, _OP.unpack(payload)[1]) else "duplicate"] += 1
 
     def _is_ready(self, r: int) -> bool:
         link = self.links.get(r)
@@ -452,6 +509,7 @@ class TCPControl:
         self._opno += 1
         reached = []
         for r, link in sorted(self.links.items()):
+            seq = link.send_seq
             try:
                 link.write(payload)
                 queued = link.writer.transport.get_write_buffer_size()
@@ -464,6 +522,9 @@ class TCPControl:
             if queued and r not in self._draining:
                 self._draining[r] = asyncio.ensure_future(self._drain(r, link))
             reached.append(r)
+            if self._copy_socket is not None and link.copy_addr is not None and \
+                    len(payload) <= control_copies.MAX_COPY_PAYLOAD:
+                self._copy_socket.send(control_copies.seal(link.key, link.nonce, 1, r, seq, payload), link.copy_addr)
         await asyncio.sleep(0)
         return reached
 
@@ -501,13 +562,20 @@ class TCPControl:
         if self._failed is not None:
             raise ControlError(f"control channel unusable after an earlier error: {self._failed}")
         link = self.links[0]
+        inbox = self._inbox
+        assert inbox is not None
         try:
+            ready = _OP.pack(OP_READY, inbox.consumed)
+            seq = link.send_seq
             try:  # tell rank 0 this rank waits for its next announcement
-                link.write(_OP.pack(OP_READY, link.recv_seq))
+                link.write(ready)
             except (ConnectionError, OSError) as exc:
                 raise ControlClosed(f"control connection lost: {exc}") from exc
+            if self._copy_socket is not None and self._copy_dest is not None:
+                self._copy_socket.send(control_copies.seal(link.key, link.nonce, 0, self.rank, seq, ready),
+                                       self._copy_dest)
             try:
-                payload = await asyncio.wait_for(link.recv(), self.timeout)
+                payload = await asyncio.wait_for(self._next_announcement(link, inbox), self.timeout)
             except TimeoutError:
                 raise ControlError(f"rank {self.rank}: rank 0 announced nothing within {self.timeout} s "
                                    "(control timeout)") from None
@@ -519,6 +587,42 @@ class TCPControl:
             self._failed = self._failed or str(exc)
             raise
         return payload[_OP.size:]
+
+    async def _next_announcement(self, link: _Link, inbox: control_copies.Inbox) -> bytes:
+        """Rank r > 0: the next frame in sequence, from the TCP stream or a UDP copy, whichever comes first.
+
+        At most one TCP read is in progress, and it is never cancelled (a frame is read whole, even when its copy
+        won; the next call then drops it as a duplicate), so a rank that stops listening stops reading, as
+        without copies."""
+        while True:
+            got = inbox.pop()
+            if got is not None:
+                return got
+            if self._tcp_read is None:
+                self._tcp_read = asyncio.ensure_future(link.recv())
+            inbox.changed.clear()
+            changed = asyncio.ensure_future(inbox.changed.wait())
+            try:
+                await asyncio.wait((self._tcp_read, changed), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+            if self._tcp_read.done():
+                read, self._tcp_read = self._tcp_read, None
+                inbox.offer(link.recv_seq - 1, read.result())  # raises what the read raised
+
+    def _on_copy_at_rank(self, data: bytes, addr: tuple) -> None:
+        """Rank r > 0: a datagram on the copy socket; only an authentic copy of this link's next frames is used."""
+        got = control_copies.open_copy(data, self.size)
+        link = self.links.get(0)
+        if isinstance(got, str):
+            self.copy_counts[got] += 1
+            return
+        r, seq, payload, mac = got
+        if link is None or r != self.rank or self._inbox is None or \
+                not control_copies.authentic(link.key, link.nonce, 1, r, seq, payload, mac):
+            self.copy_counts["auth"] += 1
+            return
+        self.copy_counts["first" if self._inbox.offer(seq, payload) else "duplicate"] += 1
 
     async def _join(self) -> None:
         host, port = self.addresses[0]
@@ -541,7 +645,7 @@ class TCPControl:
         mac = handshake.prove(key, _HELLO, (nonce,), _LEN.pack(self.rank))
         writer.write(_LEN.pack(self.rank) + mac)
         await writer.drain()
-        link = _Link(reader, writer, key, 0, self.max_bytes)
+        link = _Link(reader, writer, key, 0, self.max_bytes, nonce)
         if self.elastic:  # rank 0 confirms an accepted hello
             try:
                 welcome = await asyncio.wait_for(link.recv(), self.timeout)
@@ -553,8 +657,15 @@ class TCPControl:
                     f"rank 0 refused rank {self.rank}'s control hello: another live process holds rank "
                     f"{self.rank}, or this process's pair key is not the one rank 0 holds (a restarted rank must "
                     "rejoin through the rendezvous first)") from exc
-            if welcome[:1] != bytes([OP_WELCOME]):
+            if welcome[:1] != bytes([OP_WELCOME]) or len(welcome) != _OP.size:
                 raise ControlError(f"rank {self.rank}: expected rank 0's welcome on the control channel")
+            self._inbox = control_copies.Inbox(link.recv_seq)
+            port = _OP.unpack(welcome)[1]
+            if self.copies and 0 < port < 65536:  # rank 0 takes copies there
+                sock = writer.get_extra_info("socket")
+                self._copy_socket = await control_copies.CopySocket.open(
+                    sock.getsockname()[0], sock.family, self._on_copy_at_rank, self.copies, self.copy_spacing)
+                self._copy_dest = (host, port)
         self.links[0] = link
 
     async def connect(self) -> None:
@@ -677,7 +788,8 @@ class TCPControl:
 
     async def aclose(self) -> None:
         """Close the channel, and wait for its own tasks (handshakes, watchers) to end, so none is left pending."""
-        tasks = [*self._watchers.values(), *self._draining.values(), *self._handshake_tasks]
+        tasks = [*self._watchers.values(), *self._draining.values(), *self._handshake_tasks,
+                 *([self._tcp_read] if self._tcp_read is not None else [])]
         self.close()
         for task in tasks:
             task.cancel()
@@ -686,6 +798,12 @@ class TCPControl:
     def close(self) -> None:
         for task in [*self._watchers.values(), *self._draining.values(), *self._handshake_tasks]:
             task.cancel()
+        if self._tcp_read is not None:
+            self._tcp_read.cancel()
+            self._tcp_read = None
+        if self._copy_socket is not None:
+            self._copy_socket.close()
+            self._copy_socket = None
         self._watchers.clear()
         self._draining.clear()
         for link in self.links.values():
