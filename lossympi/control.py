@@ -22,7 +22,10 @@ collectives above are refused. Each :meth:`listen` first tells rank 0 that the r
 announcement (an authenticated ``ready`` frame carrying how many frames it has received), so rank 0 can wait
 for the ranks that are still busy, at most a given time (:meth:`wait_ready`): a bounded barrier, which keeps
 the ranks in step without letting a slow one hold rank 0 more than once (a rank that missed a wait is not waited
-for again until it has caught up). Rank 0 keeps its listener open and reads every link: EOF, a reset, a frame
+for again until it has caught up). Every ready frame and every announcement of at most 1 KiB is also sent as
+authenticated UDP copies (:mod:`lossympi.control_copies`; docs/protocol.md, "Control copies"), and the receiver takes
+whichever comes first, so a lost TCP segment does not stall a training step.
+Rank 0 keeps its listener open and reads every link: EOF, a reset, a frame
 that fails authentication or is not a ``ready``, or a queue that does not drain, marks the link dead (counted in
 :attr:`link_failures`; the rank is in :meth:`missing` until it reconnects). A rank whose link is dead may connect
 again with the ordinary hello, under the pair key rank 0 holds for it at that moment (after a rejoin through the

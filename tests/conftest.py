@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from lossympi.bootstrap import World, local_worlds
+from lossympi.control import TCPControl
 from lossympi.endpoint import Endpoint
 
 try:
@@ -64,6 +65,23 @@ async def wait_until(pred: Callable[[], bool], timeout: float = 5.0, what: str =
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.0005)
+
+
+@contextlib.contextmanager
+def elastic_controls(n: int, **kwargs: Any) -> Iterator[tuple[list[World], list[TCPControl], list[TCPControl]]]:
+    """``n`` elastic control channels on 127.0.0.1 (rank 0 first), and a list for more (closed at the end too)."""
+    worlds = local_worlds(n)
+    ctls = [TCPControl(w.rank, w.size, w.addresses, w.keys, w.control, **kwargs) for w in worlds]
+    for c in ctls:
+        c.make_elastic()
+    extra: list[TCPControl] = []
+    try:
+        yield worlds, ctls, extra
+    finally:
+        for c in ctls + extra:
+            c.close()
+        for w in worlds:
+            w.close()
 
 
 def bits(a: np.ndarray) -> np.ndarray:

@@ -9,12 +9,11 @@ import socket
 from typing import Any
 
 import pytest
-from conftest import run, wait_until
+from conftest import elastic_controls, run, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lossympi import control_copies as cc
-from lossympi.bootstrap import local_worlds
 from lossympi.control import OP_READY, TCPControl
 
 WAIT = 10.0
@@ -22,17 +21,8 @@ WAIT = 10.0
 
 @contextlib.contextmanager
 def elastic(n: int, **kwargs: Any):
-    worlds = local_worlds(n)
-    ctls = [TCPControl(w.rank, w.size, w.addresses, w.keys, w.control, timeout=WAIT, **kwargs) for w in worlds]
-    for c in ctls:
-        c.make_elastic()
-    try:
+    with elastic_controls(n, timeout=WAIT, **kwargs) as (_, ctls, _):
         yield ctls
-    finally:
-        for c in ctls:
-            c.close()
-        for w in worlds:
-            w.close()
 
 
 class Held:
@@ -49,6 +39,15 @@ class Held:
         self.write(b"".join(self.bytes))
 
 
+async def step_with_held_segment(ctls: list[TCPControl], rank: int,
+                                 peer: int) -> tuple[Held, list[asyncio.Future]]:
+    """After a first step, hold the TCP writes of ``rank``'s link to ``peer`` and start every rank's wait for the
+    next announcement."""
+    await first_step(ctls)
+    held = Held(ctls[rank].links[peer])
+    return held, [asyncio.ensure_future(c.listen()) for c in ctls[1:]]
+
+
 async def first_step(ctls: list[TCPControl]) -> None:
     """One announcement to every rank: rank 0 learns where each rank takes copies from its first ready copy."""
     listens = [asyncio.ensure_future(c.listen()) for c in ctls[1:]]
@@ -62,9 +61,7 @@ def test_an_announcement_whose_tcp_segment_is_held_arrives_by_copy(copies):
     async def main():
         with elastic(3, copies=copies) as ctls:
             c0, c1, c2 = ctls
-            await first_step(ctls)
-            held = Held(c0.links[1])  # rank 0's TCP frames to rank 1 are lost for now
-            listens = [asyncio.ensure_future(c.listen()) for c in (c1, c2)]
+            held, listens = await step_with_held_segment(ctls, 0, 1)  # rank 0's frames to rank 1 are lost
             await asyncio.wait_for(c0.wait_ready(WAIT), WAIT)
             await c0.announce(b"step 1")
             done, _ = await asyncio.wait(listens, timeout=1.0)
@@ -89,9 +86,7 @@ def test_a_ready_frame_whose_tcp_segment_is_held_arrives_by_copy(copies):
     async def main():
         with elastic(3, copies=copies) as ctls:
             c0, c1, c2 = ctls
-            await first_step(ctls)
-            held = Held(c1.links[0])  # rank 1's ready frame to rank 0 is lost for now
-            listens = [asyncio.ensure_future(c.listen()) for c in (c1, c2)]
+            held, listens = await step_with_held_segment(ctls, 1, 0)  # rank 1's ready frame is lost
             late = await asyncio.wait_for(c0.wait_ready(1.0), WAIT)
             assert late == ([] if copies else [1])
             assert c0.copy_counts["first"] >= (2 if copies else 0)

@@ -32,9 +32,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import elastic_controls as elastic
 from conftest import run, wait_until
 
-from lossympi.bootstrap import RendezvousAuthError, RendezvousError, World, from_env, local_worlds
+from lossympi.bootstrap import RendezvousAuthError, RendezvousError, World, from_env
 from lossympi.control import ControlClosed, ControlError, TCPControl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,22 +43,6 @@ WAIT = 10.0
 
 
 # ====================================================================================== elastic control channel
-
-
-@contextlib.contextmanager
-def elastic(n: int, **kwargs: Any):
-    worlds = local_worlds(n)
-    ctls = [TCPControl(w.rank, w.size, w.addresses, w.keys, w.control, **kwargs) for w in worlds]
-    for c in ctls:
-        c.make_elastic()
-    extra: list[TCPControl] = []
-    try:
-        yield worlds, ctls, extra
-    finally:
-        for c in ctls + extra:
-            c.close()
-        for w in worlds:
-            w.close()
 
 
 def test_elastic_control_dead_link_rejoin_and_takeover():
