@@ -434,7 +434,7 @@ class Comm:
         """
         ep = Endpoint.from_world(world, **endpoint_kwargs)
         ctl = TCPControl(world.rank, world.size, world.addresses, world.keys, world.control,
-                         timeout=control_timeout, max_bytes=control_max_bytes)
+                         timeout=control_timeout, max_bytes=control_max_bytes, copy_port_range=world.port_range)
         return cls(ep, ctl, ingest_bps=ingest_bps)
 
     @classmethod

@@ -51,7 +51,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from . import control_copies, handshake
 
@@ -220,6 +220,10 @@ class TCPControl:
         0 sends none (rank 0's choice holds for every link: its welcome says whether it takes copies).
     copy_spacing : float
         Seconds between two copies of one frame.
+    copy_port_range : tuple[int, int] or None
+        Bind the copy socket in this inclusive UDP port range (``World.port_range``: ``LOSSYMPI_PORT_RANGE``) so
+        a firewall that opens the range passes the copies; when no port of it is free, this rank sends and takes
+        no copies (one warning line) and the control channel runs over TCP alone.
 
     Attributes
     ----------
@@ -240,7 +244,8 @@ class TCPControl:
                  listener: socket.socket | None = None, *, timeout: float = 120.0, max_bytes: int = 1 << 20,
                  handshake_timeout: float = 5.0, max_handshakes: int = 64, send_timeout: float = 10.0,
                  copies: int = control_copies.DEFAULT_COPIES,
-                 copy_spacing: float = control_copies.DEFAULT_SPACING) -> None:
+                 copy_spacing: float = control_copies.DEFAULT_SPACING,
+                 copy_port_range: tuple[int, int] | None = None) -> None:
         if copies < 0 or copy_spacing < 0:
             raise ValueError(f"copies={copies!r} and copy_spacing={copy_spacing!r} must be >= 0 (0 copies: TCP only)")
         if rank == 0 and size > 1 and listener is None:
@@ -262,6 +267,7 @@ class TCPControl:
         self.rejoins = 0
         self.copies = copies
         self.copy_spacing = copy_spacing
+        self.copy_port_range = copy_port_range
         self.copy_counts: collections.Counter[str] = collections.Counter()
         self._copy_socket: control_copies.CopySocket | None = None
         self._copy_dest: tuple | None = None  # rank r > 0: rank 0's copy socket (from the welcome)
@@ -364,9 +370,7 @@ class TCPControl:
 
         if self.elastic and self.copies:
             assert self.listener is not None
-            self._copy_socket = await control_copies.CopySocket.open(
-                self.listener.getsockname()[0], self.listener.family, self._on_copy_at_root, self.copies,
-                self.copy_spacing)
+            self._copy_socket = await self._open_copies(self.listener, self._on_copy_at_root)
         server = await asyncio.start_server(handle, sock=self.listener)
         self._server = server
         try:
@@ -613,6 +617,18 @@ class TCPControl:
                 read, self._tcp_read = self._tcp_read, None
                 inbox.offer(link.recv_seq - 1, read.result())  # raises what the read raised
 
+    async def _open_copies(self, beside: socket.socket,
+                           on_datagram: Callable[[bytes, tuple], None]) -> control_copies.CopySocket | None:
+        """The UDP copy socket, on the address of ``beside`` (this rank's control socket); None, with one warning,
+        when it cannot be bound (no free port in ``copy_port_range``): the channel then runs over TCP alone."""
+        try:
+            return await control_copies.CopySocket.open(beside.getsockname()[0], beside.family, on_datagram,
+                                                        self.copies, self.copy_spacing, self.copy_port_range)
+        except OSError as exc:
+            log.warning("control: rank %d sends no UDP copies of its control frames (TCP only, slower to repair a "
+                        "lost segment): %s", self.rank, exc)
+            return None
+
     def _on_copy_at_rank(self, data: bytes, addr: tuple) -> None:
         """Rank r > 0: a datagram on the copy socket; only an authentic copy of this link's next frames is used."""
         got = control_copies.open_copy(data, self.size)
@@ -665,10 +681,8 @@ class TCPControl:
             self._inbox = control_copies.Inbox(link.recv_seq)
             port = _OP.unpack(welcome)[1]
             if self.copies and 0 < port < 65536:  # rank 0 takes copies there
-                sock = writer.get_extra_info("socket")
-                self._copy_socket = await control_copies.CopySocket.open(
-                    sock.getsockname()[0], sock.family, self._on_copy_at_rank, self.copies, self.copy_spacing)
-                self._copy_dest = (host, port)
+                self._copy_socket = await self._open_copies(writer.get_extra_info("socket"), self._on_copy_at_rank)
+                self._copy_dest = (host, port) if self._copy_socket is not None else None
         self.links[0] = link
 
     async def connect(self) -> None:

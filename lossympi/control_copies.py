@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 import struct
 from collections.abc import Callable
 
 from . import handshake
+from .bootstrap import bind_udp
 
 __all__ = ["DEFAULT_COPIES", "DEFAULT_SPACING", "MAX_COPY_PAYLOAD", "CopySocket", "Inbox", "open_copy", "seal"]
 
@@ -139,11 +141,17 @@ class CopySocket(asyncio.DatagramProtocol):
 
     @classmethod
     async def open(cls, host: str, family: int, on_datagram: Callable[[bytes, tuple], None],
-                   copies: int = DEFAULT_COPIES, spacing: float = DEFAULT_SPACING) -> CopySocket:
-        """Bind a new copy socket on ``host`` (any free port)."""
+                   copies: int = DEFAULT_COPIES, spacing: float = DEFAULT_SPACING,
+                   port_range: tuple[int, int] | None = None) -> CopySocket:
+        """Bind a new copy socket on ``host``: the first free port of ``port_range`` when given (an ``OSError``
+        when none is free), else any free port."""
         loop = asyncio.get_running_loop()
-        _, proto = await loop.create_datagram_endpoint(lambda: cls(on_datagram, copies, spacing),
-                                                       local_addr=(host, 0), family=family)
+        if port_range is not None and family == socket.AF_INET:
+            sock = bind_udp(host, port_range)
+            _, proto = await loop.create_datagram_endpoint(lambda: cls(on_datagram, copies, spacing), sock=sock)
+        else:
+            _, proto = await loop.create_datagram_endpoint(lambda: cls(on_datagram, copies, spacing),
+                                                           local_addr=(host, 0), family=family)
         return proto
 
     @property

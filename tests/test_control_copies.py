@@ -174,3 +174,36 @@ def test_inbox_delivers_each_frame_once_in_order(n, data):
         out.append(got)
     assert out == [f"frame {s}".encode() for s in range(n)]
     assert box.consumed == n
+
+
+def test_copies_bind_in_the_port_range_or_are_off_with_a_warning(caplog):
+    """A firewall opens LOSSYMPI_PORT_RANGE: the copy sockets bind in it; with no free port there, the channel
+    runs over TCP alone and says so once per rank."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s1, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s2:
+        s1.bind(("127.0.0.1", 0))
+        s2.bind(("127.0.0.1", 0))
+        free = [s1.getsockname()[1], s2.getsockname()[1]]
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", 0))
+    full = (taken.getsockname()[1],) * 2
+
+    async def main(port_range, expect_copies):
+        with elastic(2) as ctls:
+            for c, r in zip(ctls, port_range, strict=True):
+                c.copy_port_range = r
+            await first_step(ctls)
+            for c, r in zip(ctls, port_range, strict=True):
+                if expect_copies:
+                    assert c._copy_socket is not None and c._copy_socket.port == r[0]
+                else:
+                    assert c._copy_socket is None
+            assert (ctls[0].copy_counts["first"] + ctls[0].copy_counts["duplicate"] > 0) == expect_copies
+
+    try:
+        run(main([(p, p) for p in free], True))
+        with caplog.at_level("WARNING", logger="lossympi.control"):
+            run(main([full, full], False))
+        lines = [r.getMessage() for r in caplog.records if "sends no UDP copies" in r.getMessage()]
+        assert len(lines) == 1 and "widen LOSSYMPI_PORT_RANGE" in lines[0]  # rank 0 (rank 1 is told: port 0)
+    finally:
+        taken.close()

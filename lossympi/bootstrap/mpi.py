@@ -95,7 +95,8 @@ def from_mpi(comm: Any = None, host: str | None = None, port_range: tuple[int, i
         addresses = [(str(e[1][0]), int(e[1][1])) for e in entries]
         publics = [bytes(e[1][2]) for e in entries]
         _check_table(addresses, publics)
-        return _world_from_table(rank, size, sock, keypair, addresses, publics, {"method": "mpi"}, control)
+        return _world_from_table(rank, size, sock, keypair, addresses, publics, {"method": "mpi"}, control,
+                                 port_range)
     except BaseException:
         for s in (sock, control):
             if s is not None:

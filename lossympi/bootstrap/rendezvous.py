@@ -109,7 +109,8 @@ def _rendezvous(cfg: _EnvConfig, timeout: float, read_timeout: float, rejoin: bo
         addresses = [(t[0], t[1]) for t in table]
         publics = [t[2] for t in table]
         _check_table(addresses, publics)
-        world = _world_from_table(cfg.rank, cfg.size, sock, keypair, addresses, publics, info, control)
+        world = _world_from_table(cfg.rank, cfg.size, sock, keypair, addresses, publics, info, control,
+                                  cfg.port_range)
         world.rendezvous = service
         return world
     except BaseException:

@@ -40,6 +40,9 @@ class World:
         refused rendezvous connections by reason). Informative only.
     rendezvous : RejoinService or None
         Rank 0 of :func:`from_env` with ``rejoin=True``: the rendezvous, still listening for restarted ranks.
+    port_range : tuple[int, int] or None
+        The inclusive UDP port range this rank's sockets were bound in (``LOSSYMPI_PORT_RANGE``), if one was
+        set; the control channel binds its UDP copy socket in it too (:mod:`lossympi.control_copies`).
     """
 
     rank: int
@@ -50,6 +53,7 @@ class World:
     info: dict[str, Any] = field(default_factory=dict, repr=False)
     control: socket.socket | None = field(default=None, repr=False)
     rendezvous: RejoinService | None = field(default=None, repr=False)
+    port_range: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.size < 1 or not 0 <= self.rank < self.size:
@@ -86,9 +90,11 @@ def _world_from_table(
     publics: list[bytes],
     info: dict[str, Any],
     control: socket.socket | None = None,
+    port_range: tuple[int, int] | None = None,
 ) -> World:
     keys = derive_pair_keys(rank, keypair, dict(enumerate(publics)))
-    return World(rank=rank, size=size, addresses=addresses, keys=keys, sock=sock, info=info, control=control)
+    return World(rank=rank, size=size, addresses=addresses, keys=keys, sock=sock, info=info, control=control,
+                 port_range=port_range)
 
 
 def _check_table(addresses: list[tuple[str, int]], publics: list[bytes]) -> None:
