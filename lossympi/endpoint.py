@@ -227,6 +227,12 @@ def _grow_buffer(sock: socket.socket, opt: int, force_opt: int, want: int, sysct
     return got
 
 
+def _non_negative(name: str, value: float, unit: str = "") -> float:
+    if not value >= 0:  # also refuses NaN
+        raise ValueError(f"{name} must be >= 0{unit}, got {value}")
+    return value
+
+
 class Endpoint:
     """One rank's lossy UDP endpoint.
 
@@ -351,12 +357,8 @@ class Endpoint:
         self.fill = fill
         self.faults = faults
         self.send_fin = bool(send_fin)
-        if not fin_grace >= 0:
-            raise ValueError(f"fin_grace must be >= 0 seconds, got {fin_grace}")
-        self.fin_grace = float(fin_grace)
-        if inline_bytes < 0:
-            raise ValueError(f"inline_bytes must be >= 0, got {inline_bytes}")
-        self.inline_bytes = int(inline_bytes)
+        self.fin_grace = float(_non_negative("fin_grace", fin_grace, " seconds"))
+        self.inline_bytes = int(_non_negative("inline_bytes", inline_bytes))
         self.inline_sends = 0  # messages sent from the calling thread (see ``inline_bytes``)
         self.rng = np.random.default_rng(seed)
         self._loop: asyncio.AbstractEventLoop | None = None
