@@ -91,6 +91,9 @@ class RunSummary:
     control_rejects: dict[str, int] = field(default_factory=dict)  # refused control connections by reason
     control_link_failures: dict[str, int] = field(default_factory=dict)  # lost worker links by reason
     rendezvous_rejects: dict[str, int] = field(default_factory=dict)  # refused rendezvous connections by reason
+    # the workers' ready frames as UDP copies (lossympi.control_copies): "first" (a copy beat its TCP twin),
+    # "duplicate", and refused ones by reason
+    control_copies: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)  # every metric of the last evaluation (loss included)
 
     @classmethod
@@ -108,7 +111,7 @@ class RunSummary:
                    skipped_too_few_rows=counters.skipped_too_few_rows, reduced_updates=counters.reduced_updates,
                    rejoins=int(faults.rejoins), control_rejects=dict(faults.control_rejects),
                    control_link_failures=dict(faults.control_link_failures),
-                   rendezvous_rejects=dict(faults.rendezvous_rejects),
+                   rendezvous_rejects=dict(faults.rendezvous_rejects), control_copies=dict(faults.control_copies),
                    metrics={**{k: float(evaluation[k]) for k in ("loss", "accuracy") if k in evaluation},
                             **{k: float(v) for k, v in evaluation.get("metrics", {}).items()}}, **fields)
 

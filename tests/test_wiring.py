@@ -115,6 +115,16 @@ def test_transport_tcp_sends_one_frame_per_gradient(train: Any) -> None:
     assert run.datagram_loss() == 0.0 and run.summary["rejected_datagrams"] == 0
 
 
+def test_control_copies_reach_the_server_and_are_counted(train: Any) -> None:
+    """lossympi sends each worker's per-step ready frame also as UDP copies (lossympi.control_copies): the
+    server's summary counts them (every one authentic); the TCP baseline has no copies."""
+    run, tcp = train("loss0"), train("tcp")
+    copies = run.summary["control_copies"]
+    assert copies.get("first", 0) + copies.get("duplicate", 0) >= WORKERS * len(run.steps), copies
+    assert set(copies) <= {"first", "duplicate"}, copies  # nothing refused
+    assert tcp.summary["control_copies"] == {}
+
+
 def test_params_reliable_sends_no_parameter_datagrams_and_lossy_loses_them(train: Any) -> None:
     """``--params lossy`` (default): the parameters travel as datagrams to every worker, and ``--loss`` drops
     3-7% of them; ``--params reliable``: none travel as datagrams (the control stream carries them), while the

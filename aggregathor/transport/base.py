@@ -201,6 +201,7 @@ class FaultCounters:
     control_link_failures: dict[str, int] = field(default_factory=dict)  # lost worker links by reason
     rejoins: int = 0  # workers that reconnected after their link died
     rendezvous_rejects: dict[str, int] = field(default_factory=dict)  # refused rendezvous connections by reason
+    control_copies: dict[str, int] = field(default_factory=dict)  # UDP copies of ready frames received, by outcome
 
 
 @dataclass

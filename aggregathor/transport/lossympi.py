@@ -145,11 +145,11 @@ class LossympiServer(_Side):
         return self.comm.control.missing()
 
     def fault_counters(self) -> FaultCounters:
-        """Refused control/rendezvous connections by reason, lost control links, rejoins."""
+        """Refused control/rendezvous connections by reason, lost control links, rejoins, control copies received."""
         ctl = self.comm.control
         service = self.rejoin_service
         return FaultCounters(dict(ctl.rejects), dict(ctl.link_failures), ctl.rejoins,
-                             dict(service.rejected) if service is not None else {})
+                             dict(service.rejected) if service is not None else {}, dict(ctl.copy_counts))
 
     def enable_rejoin(self, loop: asyncio.AbstractEventLoop, timeout: float = 5.0) -> None:
         """Admit restarted workers through the rendezvous (:attr:`Capability.REJOIN`).
