@@ -418,17 +418,27 @@ class TCPControl:
             self._ready_event.set()
         return True
 
-    def _on_copy_at_root(self, data: bytes, addr: tuple) -> None:
-        """Rank 0: a datagram on the copy socket; only an authentic ready copy of a live link is used."""
-        got = control_copies.open_copy(data, self.size, _OP.size)
+    def _authentic_copy(self, data: bytes, max_payload: int) -> tuple[_Link, int, int, bytes] | None:
+        """``(link, rank, seq, payload)`` of a datagram on the copy socket when it parses and its MAC is that of a
+        live link (rank 0: the sender's; rank r: its own link to rank 0), else None, counted by reason."""
+        got = control_copies.open_copy(data, self.size, max_payload)
         if isinstance(got, str):
             self.copy_counts[got] += 1
-            return
+            return None
         r, seq, payload, mac = got
-        link = self.links.get(r)
-        if link is None or not control_copies.authentic(link.key, link.nonce, 0, r, seq, payload, mac):
+        link = self.links.get(r if self.rank == 0 else 0)
+        if link is None or self.rank not in (0, r) or \
+                not control_copies.authentic(link.key, link.nonce, link.in_dir, r, seq, payload, mac):
             self.copy_counts["auth"] += 1
+            return None
+        return link, r, seq, payload
+
+    def _on_copy_at_root(self, data: bytes, addr: tuple) -> None:
+        """Rank 0: a datagram on the copy socket; only an authentic ready copy of a live link is used."""
+        got = self._authentic_copy(data, _OP.size)
+        if got is None:
             return
+        link, r, seq, payload = got
         if len(payload) != _OP.size or payload[0] != OP_READY:
             self.copy_counts["op"] += 1
             return
@@ -531,7 +541,8 @@ class TCPControl:
             reached.append(r)
             if self._copy_socket is not None and link.copy_addr is not None and \
                     len(payload) <= control_copies.MAX_COPY_PAYLOAD:
-                self._copy_socket.send(control_copies.seal(link.key, link.nonce, 1, r, seq, payload), link.copy_addr)
+                self._copy_socket.send(control_copies.seal(link.key, link.nonce, link.out_dir, r, seq, payload),
+                                       link.copy_addr)
         await asyncio.sleep(0)
         return reached
 
@@ -579,7 +590,7 @@ class TCPControl:
             except (ConnectionError, OSError) as exc:
                 raise ControlClosed(f"control connection lost: {exc}") from exc
             if self._copy_socket is not None and self._copy_dest is not None:
-                self._copy_socket.send(control_copies.seal(link.key, link.nonce, 0, self.rank, seq, ready),
+                self._copy_socket.send(control_copies.seal(link.key, link.nonce, link.out_dir, self.rank, seq, ready),
                                        self._copy_dest)
             try:
                 payload = await asyncio.wait_for(self._next_announcement(link, inbox), self.timeout)
@@ -631,16 +642,11 @@ class TCPControl:
 
     def _on_copy_at_rank(self, data: bytes, addr: tuple) -> None:
         """Rank r > 0: a datagram on the copy socket; only an authentic copy of this link's next frames is used."""
-        got = control_copies.open_copy(data, self.size)
-        link = self.links.get(0)
-        if isinstance(got, str):
-            self.copy_counts[got] += 1
+        got = self._authentic_copy(data, control_copies.MAX_COPY_PAYLOAD)
+        if got is None:
             return
-        r, seq, payload, mac = got
-        if link is None or r != self.rank or self._inbox is None or \
-                not control_copies.authentic(link.key, link.nonce, 1, r, seq, payload, mac):
-            self.copy_counts["auth"] += 1
-            return
+        _, _, seq, payload = got
+        assert self._inbox is not None  # made before the copy socket (_join)
         self.copy_counts["first" if self._inbox.offer(seq, payload) else "duplicate"] += 1
 
     async def _join(self) -> None:

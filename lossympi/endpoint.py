@@ -663,26 +663,25 @@ class Endpoint:
         burst = self.burst_bytes if burst_bytes is None else max(1, int(burst_bytes))
         credit = self._credit_chunks(credit_bytes)
         t0 = time.monotonic()
-        if plan is None and self._inline(flat.size, count, rate, burst, credit):
-            n = self._send_now(peer, flat, code, tag, tensor_id, None, False, rate, burst, credit)
-            if self.send_fin:
-                self.core.send_fin(peer, code, tag, tensor_id, flat.size)
-            self.inline_sends += 1
-            return SendResult(peer, tag, tensor_id, n, flat.size, time.monotonic() - t0, count, None)
+        inline = plan is None and self._inline(flat.size, count, rate, burst, credit)
+        self.inline_sends += inline
+
+        async def call(fn: Any, *args: Any) -> Any:  # from this thread (inline) or from the sending thread
+            return fn(*args) if inline else await loop.run_in_executor(self._executor, fn, *args)
+
         if plan is None:
-            n = await loop.run_in_executor(self._executor, self._send_now, peer, flat, code, tag,
-                                           tensor_id, None, False, rate, burst, credit)
+            n = await call(self._send_now, peer, flat, code, tag, tensor_id, None, False, rate, burst, credit)
         else:
-            n = await loop.run_in_executor(self._executor, self._send_plan, peer, flat, code, tag,
-                                           tensor_id, plan.order, plan.corrupt, rate, burst, credit)
+            n = await call(self._send_plan, peer, flat, code, tag, tensor_id, plan.order, plan.corrupt, rate, burst,
+                           credit)
             if plan.delayed.size:
                 await asyncio.sleep(plan.delay)
-                n += await loop.run_in_executor(self._executor, self._send_plan, peer, flat, code, tag,
-                                                tensor_id, plan.delayed, plan.delayed_corrupt, rate, burst, credit)
+                n += await call(self._send_plan, peer, flat, code, tag, tensor_id, plan.delayed,
+                                plan.delayed_corrupt, rate, burst, credit)
         if self.send_fin:
             # The end-of-message announcement, from the thread that sent the data (the same CPU's queue, so
             # it rarely overtakes them): the receiver stops waiting for chunks lost on the way.
-            await loop.run_in_executor(self._executor, self.core.send_fin, peer, code, tag, tensor_id, flat.size)
+            await call(self.core.send_fin, peer, code, tag, tensor_id, flat.size)
         return SendResult(peer, tag, tensor_id, n, flat.size, time.monotonic() - t0, count,
                           None if plan is None else plan.dropped)
 
