@@ -38,8 +38,8 @@ class MultiKrum(GAR):
     Numeric limits: those of :class:`~aggregathor.gars.krum.Krum` for the selection (on the CPU, exact to a
     few float32 roundings at any finite magnitude; on a GPU or for float64 rows, the centred Gram cannot tell
     apart rows closer than about ``1e-7`` of their distance from the robust centre). The mean is computed in
-    the rows' dtype: the sum of ``m`` selected rows overflows to ``inf`` when their entries exceed about
-    ``max / m`` (about ``2e37`` for float32 at ``m = 14``), the same as the float32 reference would.
+    the rows' dtype and stays finite at any finite magnitude: a sum of the ``m`` selected rows that overflows is
+    redone at an exact power-of-two scale (:func:`~aggregathor.gars._distances.mean_of_rows`).
     """
 
     name = "multi-krum"
