@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 DEF HEADER_BYTES = 32
 DEF MAC_BYTES = 16
-DEF VERSION = 1
+DEF VERSION = 2
 DEF K_DATA = 1
 DEF K_FIN = 2
 DEF K_CREDIT = 3
@@ -87,15 +87,21 @@ cdef extern from "lm_blake2b.h" nogil:
     ctypedef struct lm_b2b_state:
         size_t buflen
     void lm_b2b_init_key(lm_b2b_state *S, size_t outlen, const uint8_t *key, size_t keylen)
-    void lm_b2b_prepare(lm_b2b_state *S)
     void lm_b2b_update(lm_b2b_state *S, const uint8_t *data, size_t n)
     void lm_b2b_final(lm_b2b_state *S, uint8_t *out)
-    void lm_mac2(const lm_b2b_state *prepared, const uint8_t *a, size_t alen, const uint8_t *b,
-                 size_t blen, uint8_t *out)
+
+
+cdef extern from "lm_mac.h" nogil:
+    ctypedef struct lm_mac_key:
+        pass
+    void lm_mac_setup()
+    int lm_mac_fast
+    const char *LM_MAC_LABEL
+    void lm_mac_init(lm_mac_key *k, const uint8_t *pair_key)
+    void lm_mac2(const lm_mac_key *k, const uint8_t *a, size_t alen, const uint8_t *b, size_t blen, uint8_t *out)
+    void lm_mac2_impl(const lm_mac_key *k, const uint8_t *a, size_t alen, const uint8_t *b, size_t blen,
+                      uint8_t *out, int fast)
     int lm_ct_equal(const uint8_t *a, const uint8_t *b, size_t n)
-    int lm_have_avx2()
-    void lm_mac_x4(const lm_b2b_state **st, const uint8_t **hdr, const uint8_t **pay, size_t paylen,
-                   uint8_t **out)
 
 
 cdef extern from "lm_net.h" nogil:
@@ -163,41 +169,27 @@ def blake2b_mac(bytes key, const uint8_t[::1] data, int outlen=16):
     return bytes(out[:outlen])
 
 
-cdef bint _HAVE_X4 = lm_have_avx2() != 0
-HAVE_AVX2 = bool(_HAVE_X4)
+lm_mac_setup()
+MAC_LABEL = <bytes>LM_MAC_LABEL  # what the MAC's keys are derived with (docs/protocol.md)
+HAVE_CLMUL = bool(lm_mac_fast)  # the MAC runs on PCLMULQDQ + AES-NI (else portable C)
 
 
-def blake2b_mac_x4(list keys, list headers, list payloads, bint vector=True):
-    """Four datagram MACs at once, as the batched core computes them (for tests against ``hashlib``).
-
-    ``keys``: four 32-byte keys; ``headers``: four 32-byte headers; ``payloads``: four payloads of one
-    length. ``vector=False`` forces the scalar path.
-    """
-    if len(keys) != 4 or len(headers) != 4 or len(payloads) != 4:
-        raise ValueError("need exactly four keys, headers and payloads")
-    cdef lm_b2b_state st[4]
-    cdef const lm_b2b_state *stp[4]
-    cdef const uint8_t *hp[4]
-    cdef const uint8_t *pp[4]
-    cdef uint8_t outb[4][16]
-    cdef uint8_t *op[4]
-    cdef size_t plen = len(payloads[0])
-    cdef int j
-    for j in range(4):
-        if len(keys[j]) != 32 or len(headers[j]) != 32 or len(payloads[j]) != plen:
-            raise ValueError("keys and headers must be 32 bytes, payloads of equal length")
-        lm_b2b_init_key(&st[j], MAC_BYTES, <const uint8_t *>(<bytes>keys[j]), 32)
-        lm_b2b_prepare(&st[j])
-        stp[j] = &st[j]
-        hp[j] = <const uint8_t *>(<bytes>headers[j])
-        pp[j] = <const uint8_t *>(<bytes>payloads[j])
-        op[j] = outb[j]
-    if vector and _HAVE_X4:
-        lm_mac_x4(stp, hp, pp, plen, op)
-    else:
-        for j in range(4):
-            lm_mac2(stp[j], hp[j], 32, pp[j], plen, op[j])
-    return [bytes(outb[j][:16]) for j in range(4)]
+def datagram_mac(bytes pair_key, const uint8_t[::1] header, const uint8_t[::1] payload, fast=None):
+    """The 16-byte MAC of ``header || payload`` under ``pair_key``, as the core computes it (docs/protocol.md,
+    "Authentication and keys"; for tests against :func:`lossympi.wire.mac`). ``fast=False`` forces the portable
+    code, ``True`` the PCLMULQDQ + AES-NI code (where the CPU has it), ``None`` what the core uses."""
+    if len(pair_key) != 32:
+        raise ValueError(f"pair key must be 32 bytes, got {len(pair_key)}")
+    if fast and not lm_mac_fast:
+        raise ValueError("this CPU has no PCLMULQDQ + AES-NI: use fast=False or None")
+    cdef lm_mac_key k
+    cdef uint8_t out[16]
+    cdef uint8_t empty = 0
+    lm_mac_init(&k, <const uint8_t *>pair_key)
+    lm_mac2_impl(&k, &header[0] if header.shape[0] else &empty, header.shape[0],
+                 &payload[0] if payload.shape[0] else &empty, payload.shape[0], out,
+                 lm_mac_fast if fast is None else (1 if fast else 0))
+    return bytes(out[:16])
 
 
 def stride_for(int datagram_bytes):
@@ -306,7 +298,7 @@ cdef class Core:
     cdef readonly int stride
     cdef public bint gso
     cdef public bint check_address
-    cdef lm_b2b_state *keys
+    cdef lm_mac_key *keys
     cdef uint8_t *has_key
     cdef lm_addr *peers
     cdef uint8_t *has_peer
@@ -384,7 +376,7 @@ cdef class Core:
         self.datagram_bytes = datagram_bytes
         self.gso = gso
         self.check_address = check_address
-        self.keys = <lm_b2b_state *>calloc(nranks, sizeof(lm_b2b_state))
+        self.keys = <lm_mac_key *>calloc(nranks, sizeof(lm_mac_key))
         self.has_key = <uint8_t *>calloc(nranks, 1)
         self.peers = <lm_addr *>calloc(nranks, sizeof(lm_addr))
         self.has_peer = <uint8_t *>calloc(nranks, 1)
@@ -457,8 +449,7 @@ cdef class Core:
         if len(key) != 32:
             raise ValueError(f"pair key for rank {peer} must be 32 bytes, got {len(key)}")
         cdef const uint8_t *k = key
-        lm_b2b_init_key(&self.keys[peer], MAC_BYTES, k, 32)
-        lm_b2b_prepare(&self.keys[peer])
+        lm_mac_init(&self.keys[peer], k)
         self.has_key[peer] = 1
 
     def set_peer(self, int peer, bytes ip4, int port):
@@ -807,39 +798,18 @@ cdef class Core:
         self._pool_put(d, L, src, tag, tid)
 
     cdef void _verify_and_dispatch(self, int nc) noexcept nogil:
-        """Step 5 (MAC, four datagrams at a time where lengths agree), then dispatch, in arrival order."""
-        cdef int i = 0, j, k
+        """Step 5 (MAC), then dispatch, in arrival order."""
+        cdef int i
         cdef uint32_t L
-        cdef const lm_b2b_state *st[4]
-        cdef const uint8_t *hp[4]
-        cdef const uint8_t *pp[4]
-        cdef uint8_t macs[4][MAC_BYTES]
-        cdef uint8_t *op[4]
-        for j in range(4):
-            op[j] = macs[j]
-        while i < nc:
+        cdef uint8_t mac[MAC_BYTES]
+        for i in range(nc):
             L = self.cand_len[i]
-            if not self.auth:
-                self._dispatch(self.cand_ptr[i], L, self.cand_src[i])
-                i += 1
-                continue
-            if (_HAVE_X4 and i + 3 < nc and self.cand_len[i + 1] == L and self.cand_len[i + 2] == L
-                    and self.cand_len[i + 3] == L):
-                k = 4
-                for j in range(4):
-                    st[j] = &self.keys[self.cand_src[i + j]]
-                    hp[j] = self.cand_ptr[i + j]
-                    pp[j] = self.cand_ptr[i + j] + HEADER_BYTES
-                lm_mac_x4(st, hp, pp, L - HEADER_BYTES - MAC_BYTES, op)
-            else:
-                k = 1
-                lm_mac2(&self.keys[self.cand_src[i]], self.cand_ptr[i], L - MAC_BYTES, NULL, 0, macs[0])
-            for j in range(k):
-                if lm_ct_equal(macs[j], self.cand_ptr[i + j] + L - MAC_BYTES, MAC_BYTES):
-                    self._dispatch(self.cand_ptr[i + j], L, self.cand_src[i + j])
-                else:
-                    self._reject(R_MAC, self.cand_src[i + j], self._sender_of(&self.raddrs[self.cand_frm[i + j]]))
-            i += k
+            if self.auth:
+                lm_mac2(&self.keys[self.cand_src[i]], self.cand_ptr[i], L - MAC_BYTES, NULL, 0, mac)
+                if not lm_ct_equal(mac, self.cand_ptr[i] + L - MAC_BYTES, MAC_BYTES):
+                    self._reject(R_MAC, self.cand_src[i], self._sender_of(&self.raddrs[self.cand_frm[i]]))
+                    continue
+            self._dispatch(self.cand_ptr[i], L, self.cand_src[i])
 
     cdef int _progress(self, int budget) noexcept nogil:
         cdef int n, i, total = 0, seg, err, nc
@@ -1137,25 +1107,12 @@ cdef class Core:
 
     cdef void _mac_segments(self, int dst, uint8_t *hm, const uint8_t **spay, const uint32_t *slen,
                             int ns) noexcept nogil:
-        """MAC of every segment of a send batch into its trailer (four at a time where lengths agree)."""
-        cdef int i = 0, j
-        cdef const lm_b2b_state *st[4]
-        cdef const uint8_t *hp[4]
-        cdef uint8_t *op[4]
+        """MAC of every segment of a send batch into its trailer."""
+        cdef int i
         cdef size_t rec = HEADER_BYTES + MAC_BYTES
-        while i < ns:
-            if (_HAVE_X4 and i + 3 < ns and slen[i] == slen[i + 1] and slen[i] == slen[i + 2]
-                    and slen[i] == slen[i + 3]):
-                for j in range(4):
-                    st[j] = &self.keys[dst]
-                    hp[j] = hm + <size_t>(i + j) * rec
-                    op[j] = hm + <size_t>(i + j) * rec + HEADER_BYTES
-                lm_mac_x4(st, hp, spay + i, slen[i], op)
-                i += 4
-            else:
-                lm_mac2(&self.keys[dst], hm + <size_t>i * rec, HEADER_BYTES, spay[i], slen[i],
-                        hm + <size_t>i * rec + HEADER_BYTES)
-                i += 1
+        for i in range(ns):
+            lm_mac2(&self.keys[dst], hm + <size_t>i * rec, HEADER_BYTES, spay[i], slen[i],
+                    hm + <size_t>i * rec + HEADER_BYTES)
 
     cdef int _job_alloc(self, SendJob *j) noexcept nogil:
         """The batch buffers of ``j``: 0, or -ENOMEM with nothing left allocated."""

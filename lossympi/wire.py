@@ -12,6 +12,8 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from lossympi import _core
 from lossympi._core import (
@@ -24,6 +26,7 @@ from lossympi._core import (
     KIND_CREDIT,
     KIND_DATA,
     KIND_FIN,
+    MAC_LABEL,
     MAC_SIZE,
     MAX_DATAGRAM_BYTES,
     PROTOCOL_VERSION,
@@ -39,6 +42,7 @@ __all__ = [
     "DTYPE_CODES",
     "FIELDS",
     "FLAG_MAC",
+    "MAC_LABEL",
     "HEADER",
     "HEADER_FIELDS",
     "HEADER_SIZE",
@@ -54,6 +58,7 @@ __all__ = [
     "chunk_count",
     "dtype_code",
     "mac",
+    "mac_keys",
     "pack_datagram",
     "stride_for",
 ]
@@ -135,9 +140,30 @@ class Header:
                    dtype=dtype, flags=flags, kind=KIND_CREDIT)
 
 
+def mac_keys(key: bytes) -> tuple[bytes, bytes]:
+    """The MAC's two AES-128 keys ``(K1, K2)`` from a 32-byte pair key: ``BLAKE2b-256(key, MAC_LABEL)``, halved."""
+    k12 = hashlib.blake2b(MAC_LABEL, key=key, digest_size=32).digest()
+    return k12[:16], k12[16:]
+
+
+def _aes_block(key: bytes, block: bytes) -> bytes:
+    enc = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    return enc.update(block) + enc.finalize()
+
+
 def mac(key: bytes, data: bytes) -> bytes:
-    """The datagram MAC: keyed BLAKE2b with a 16-byte digest."""
-    return hashlib.blake2b(data, key=key, digest_size=MAC_SIZE).digest()
+    """The datagram MAC (docs/protocol.md, "Authentication and keys"): ``AES-128(K2, GHASH_H(data))`` with
+    ``H = AES-128(K1, 0^128)``.
+
+    GHASH_H(data) is GCM's hash of ``data`` as additional data with an empty plaintext (NIST SP 800-38D), so this
+    reference takes it from a GCM library rather than from the core: a GCM tag under ``K1`` and nonce ``N`` is
+    ``GHASH_H(data) XOR AES-128(K1, N || 0x00000001)``.
+    """
+    k1, k2 = mac_keys(key)
+    nonce = bytes(12)
+    gcm_tag = AESGCM(k1).encrypt(nonce, b"", data)
+    ghash = bytes(a ^ b for a, b in zip(gcm_tag, _aes_block(k1, nonce + b"\0\0\0\1"), strict=True))
+    return _aes_block(k2, ghash)
 
 
 def pack_datagram(header: Header, payload: bytes, key: bytes | None) -> bytes:

@@ -147,7 +147,7 @@ def cases(h: Harness, replay: bytes) -> list[tuple[str, Callable[[], bytes], str
         ("one byte", lambda: b"\x01", "short", False),
         ("31 bytes", lambda: full[:31], "short", False),
         ("version 0", lambda: with_header(version=0), "header", True),
-        ("version 2", lambda: with_header(version=2), "header", True),
+        ("version 1 (the BLAKE2b MAC of old peers)", lambda: with_header(version=1), "header", True),
         ("kind 0", lambda: with_header(kind=0), "header", True),
         ("kind 2", lambda: with_header(kind=2), "header", True),
         ("flag bit 1", lambda: with_header(flags=3), "header", True),
@@ -155,7 +155,7 @@ def cases(h: Harness, replay: bytes) -> list[tuple[str, Callable[[], bytes], str
         ("flag bit 7 only", lambda: with_header(flags=0x80), "header", True),
         ("reserved tag 2**64-1", lambda: with_header(tag=wire.RESERVED_TAG), "header", True),
         ("FIN with index 1", lambda: with_header(kind=wire.KIND_FIN, index=1, length=0), "header", True),
-        ("bad version, no rank", lambda: with_header(version=2, src=7), "header", False),
+        ("bad version, no rank", lambda: with_header(version=1, src=7), "header", False),
         ("unknown rank 3", lambda: with_header(src=3), "rank", False),
         ("unknown rank 2**32-1", lambda: with_header(src=0xFFFFFFFF), "rank", False),
         ("shorter than header says", lambda: full[:32 + 100], "size", True),
@@ -272,7 +272,7 @@ def test_auth_off_endpoint_still_validates_the_header(raw_sock):
         h.post(5000, tag=0)
         before = h.counters()
         unsigned = [
-            wire.pack_datagram(h.header(flags=0, version=2), b"\0" * h.stride, None),
+            wire.pack_datagram(h.header(flags=0, version=1), b"\0" * h.stride, None),
             wire.pack_datagram(h.header(flags=0, src=9), b"\0" * h.stride, None),
             wire.pack_datagram(h.header(flags=0), b"\0" * 100, None),
             wire.pack_datagram(h.header(flags=0, index=h.count, length=h.stride), b"\0" * h.stride, None),

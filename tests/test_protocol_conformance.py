@@ -94,7 +94,7 @@ def test_1_a_receive_reports_reject_reasons_of_its_window(raw_sock):
             await inject(rx, raw_sock, [chunk(rx, x, 0, key, tag=1, dtype=wire.DTYPE_CODES["int32"])])
             fut = rx.irecv(1, np.zeros_like(x), tag=0, timeout=5)
             await inject(rx, raw_sock, [
-                chunk(rx, x, 0, key, version=2),  # header
+                chunk(rx, x, 0, key, version=1),  # header
                 chunk(rx, x, 0, key)[:-3],  # size
                 bad_mac(chunk(rx, x, 0, key)),  # mac
                 chunk(rx, x, 0, key, stride=16),  # shape
@@ -105,7 +105,7 @@ def test_1_a_receive_reports_reject_reasons_of_its_window(raw_sock):
             assert r.complete
             assert r.reject_reasons == {**NONE, "header": 1, "size": 1, "mac": 1, "shape": 1}
             assert r.rejected == 4
-            await inject(rx, raw_sock, [chunk(rx, x, 0, key, version=2)])  # after completion: in no receive
+            await inject(rx, raw_sock, [chunk(rx, x, 0, key, version=1)])  # after completion: in no receive
             fut = rx.irecv(1, np.zeros_like(x), tag=1, timeout=5)
             await tx.send(0, x, tag=1)
             r1 = await fut

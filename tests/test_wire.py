@@ -30,7 +30,7 @@ headers = st.builds(
 def test_constants_match_the_spec():
     assert wire.HEADER_SIZE == 32 == wire.HEADER.size
     assert wire.MAC_SIZE == 16
-    assert wire.PROTOCOL_VERSION == 1
+    assert wire.PROTOCOL_VERSION == 2
     assert wire.KIND_DATA == 1 and wire.KIND_FIN == 2 and wire.FLAG_MAC == 1
     assert wire.DEFAULT_DATAGRAM_BYTES == 1500 - 20 - 8 and wire.MAX_DATAGRAM_BYTES == 65535 - 20 - 8
     assert wire.RESERVED_TAG == 2**64 - 1
@@ -41,7 +41,7 @@ def test_constants_match_the_spec():
 
 
 SHARED = ("HEADER_SIZE", "MAC_SIZE", "PROTOCOL_VERSION", "KIND_DATA", "KIND_FIN", "KIND_CREDIT", "FLAG_MAC",
-          "DEFAULT_DATAGRAM_BYTES",
+          "MAC_LABEL", "DEFAULT_DATAGRAM_BYTES",
           "MAX_DATAGRAM_BYTES", "RESERVED_TAG", "HEADER_FIELDS", "HEADER_FORMAT", "DTYPE_CODES", "REJECT_REASONS")
 
 
@@ -91,7 +91,8 @@ def test_header_field_offsets_little_endian():
 
 def test_header_defaults_and_short_unpack():
     h = Header(src=1, tag=2, tensor_id=3, index=4, count=5, length=6, stride=16)
-    assert (h.version, h.kind, h.flags, h.dtype) == (1, 1, wire.FLAG_MAC, wire.DTYPE_CODES["float32"])
+    want = (wire.PROTOCOL_VERSION, wire.KIND_DATA, wire.FLAG_MAC, wire.DTYPE_CODES["float32"])
+    assert (h.version, h.kind, h.flags, h.dtype) == want
     with pytest.raises(ValueError, match="32 bytes"):
         Header.unpack(h.pack()[:31])
 
@@ -102,7 +103,7 @@ def test_pack_datagram_layout():
     d = wire.pack_datagram(h, b"hello", key)
     assert len(d) == 32 + 5 + 16
     assert d[:32] == h.pack() and d[32:37] == b"hello"
-    assert d[37:] == hashlib.blake2b(d[:37], key=key, digest_size=16).digest()
+    assert d[37:] == wire.mac(key, d[:37])
     assert wire.pack_datagram(h, b"hello", None) == h.pack() + b"hello"
 
 
@@ -152,29 +153,70 @@ def test_core_blake2b_matches_hashlib(key, data, outlen):
     assert _core.blake2b_mac(key, data, outlen) == want
 
 
-@pytest.mark.parametrize("n", [0, 1, 31, 32, 127, 128, 129, 255, 256, 257, 1424 + 32, 3000])
-def test_core_blake2b_block_boundaries(n):
+def _ghash_bitwise(h: int, data: bytes) -> int:
+    """GHASH_H(data) straight from NIST SP 800-38D (Algorithm 1 over the padded blocks and the length block),
+    on Python integers: the specification, independent of both the core and the GCM library."""
+    def mul(x: int, y: int) -> int:
+        z, v = 0, y
+        for i in range(128):
+            if (x >> (127 - i)) & 1:
+                z ^= v
+            v = (v >> 1) ^ (0xE1 << 120) if v & 1 else v >> 1
+        return z
+    padded = data + bytes(-len(data) % 16) + (8 * len(data)).to_bytes(8, "big") + bytes(8)
+    y = 0
+    for k in range(0, len(padded), 16):
+        y = mul(y ^ int.from_bytes(padded[k:k + 16], "big"), h)
+    return y
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 31, 32, 33, 127, 128, 129, 255, 256, 257, 1424 + 32])
+def test_mac_reference_is_ghash_then_aes(n):
+    """wire.mac (GCM library) equals AES-128(K2, GHASH_H(data)) computed from the specification's bit loop."""
+    key = hashlib.sha256(b"pair").digest()
+    data = bytes((i * 7 + 3) & 0xFF for i in range(n))
+    k1, k2 = wire.mac_keys(key)
+    h = int.from_bytes(wire._aes_block(k1, bytes(16)), "big")
+    assert wire.mac(key, data) == wire._aes_block(k2, _ghash_bitwise(h, data).to_bytes(16, "big"))
+
+
+FAST = [False, True] if _core.HAVE_CLMUL else [False]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=32, max_size=32), st.binary(max_size=64), st.binary(max_size=3000), st.sampled_from(FAST))
+def test_core_mac_matches_reference(key, header, payload, fast):
+    """The core's MAC of header || payload, portable and PCLMULQDQ + AES-NI code alike, equals wire.mac, for
+    every split of the message between its two parts (the 8-block aggregation, the block across the parts,
+    the zero-padded tail)."""
+    assert _core.datagram_mac(key, header, payload, fast) == wire.mac(key, header + payload)
+
+
+@pytest.mark.parametrize("n", [0, 1, 16, 127, 128, 129, 143, 144, 1424 + 32, 8972])
+@pytest.mark.parametrize("fast", FAST)
+def test_core_mac_block_boundaries(n, fast):
     key = hashlib.sha256(b"k").digest()
     data = bytes((i * 7 + 3) & 0xFF for i in range(n))
-    assert _core.blake2b_mac(key, data) == wire.mac(key, data)
-    assert len(_core.blake2b_mac(key, data)) == 16
+    assert _core.datagram_mac(key, data[:32], data[32:], fast) == wire.mac(key, data)
+    assert _core.datagram_mac(key, data, b"", fast) == wire.mac(key, data)
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.integers(0, 3000), st.booleans(), st.randoms(use_true_random=False))
-def test_four_lane_mac_matches_hashlib(paylen, vector, rnd):
-    """The batched (AVX2, four datagrams at once) MAC equals keyed BLAKE2b of header || payload."""
-    keys = [rnd.randbytes(32) for _ in range(4)]
-    headers = [rnd.randbytes(32) for _ in range(4)]
-    payloads = [rnd.randbytes(paylen) for _ in range(4)]
-    want = [hashlib.blake2b(h + p, key=k, digest_size=16).digest()
-            for k, h, p in zip(keys, headers, payloads, strict=True)]
-    assert _core.blake2b_mac_x4(keys, headers, payloads, vector) == want
+def test_core_mac_depends_on_every_byte_and_the_key():
+    key = bytes(range(32))
+    data = bytes(1456)
+    tags = {_core.datagram_mac(key, data, b"")}
+    for i in range(0, len(data), 97):
+        flipped = bytearray(data)
+        flipped[i] ^= 0x01
+        tags.add(_core.datagram_mac(key, bytes(flipped), b""))
+    tags.add(_core.datagram_mac(bytes(31) + b"\x01", data, b""))
+    tags.add(_core.datagram_mac(key, data + b"\0", b""))  # a zero byte more: the length block differs
+    assert len(tags) == 2 + len(range(0, len(data), 97)) + 1
 
 
-def test_four_lane_mac_rejects_unequal_payloads():
-    with pytest.raises(ValueError, match="equal length"):
-        _core.blake2b_mac_x4([b"k" * 32] * 4, [b"h" * 32] * 4, [b"a", b"b", b"c", b"dd"])
+def test_core_mac_rejects_bad_key():
+    with pytest.raises(ValueError, match="32 bytes"):
+        _core.datagram_mac(b"k" * 31, b"", b"")
 
 
 def test_core_blake2b_rejects_bad_key():

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import hmac
 import json
 import os
@@ -165,13 +164,9 @@ def mutate(d: bytes, ops: Iterable[tuple]) -> bytes:
     return bytes(b)
 
 
-def mac(key: bytes, body: bytes) -> bytes:
-    return hashlib.blake2b(body, key=key, digest_size=MAC_BYTES).digest()
-
-
 def resign(d: bytes, key: bytes) -> bytes:
     """Recompute the MAC trailer of ``d`` (its last 16 bytes) with ``key``: what a holder of the key can send."""
-    return d[:-MAC_BYTES] + mac(key, d[:-MAC_BYTES])
+    return d[:-MAC_BYTES] + wire.mac(key, d[:-MAC_BYTES])
 
 
 # ---------------------------------------------------------------------------------------------- reference model
@@ -310,7 +305,7 @@ class Model:
             key = self.keys.get(src)
             if maclen == 0 or key is None:
                 return Outcome("mac", src, sender=snd)
-            if not hmac.compare_digest(mac(key, d[: n - MAC_BYTES]), d[n - MAC_BYTES:]):
+            if not hmac.compare_digest(wire.mac(key, d[: n - MAC_BYTES]), d[n - MAC_BYTES:]):
                 return Outcome("mac", src, sender=snd)
         if kind == KIND_CREDIT:  # for one of this rank's sends; this receiver sends nothing: dropped, counted
             return Outcome("credit")
@@ -612,7 +607,7 @@ class Fuzzer:
         if not self.t.auth:
             return raw
         key = self.t.keys.get(key_src)
-        return raw + (mac(key, raw) if key is not None else self.rng.randbytes(MAC_BYTES))
+        return raw + (wire.mac(key, raw) if key is not None else self.rng.randbytes(MAC_BYTES))
 
     def _reseal(self, d: bytes, key_src: int) -> bytes:
         """Re-sign a mutated datagram with the pair key of ``key_src`` (auth off: nothing to sign)."""
