@@ -12,9 +12,10 @@
  * messages get identical tags, as with the keyed BLAKE2b of version 1.
  *
  * Written from FIPS 197 (AES) and SP 800-38D (GHASH). Two implementations with one output, checked against
- * each other and against a GCM library in the tests: portable C (byte-oriented AES, bit-serial GF(2^128)
- * multiply: used to prepare keys, and on CPUs without the instructions below), and PCLMULQDQ + AES-NI (eight
- * blocks per reduction with the precomputed powers H^1..H^8), chosen at run time.
+ * each other and against a GCM library in the tests: portable C (byte-oriented AES; GHASH with a 4 KiB
+ * table of the 256 byte multiples of H per key, Shoup's 8-bit method; used on CPUs without the instructions below),
+ * and PCLMULQDQ + AES-NI (eight blocks per reduction with the precomputed powers H^1..H^8), chosen at run time.
+ * Keys are prepared in portable C alone (the bit-serial multiply of the specification).
  */
 #ifndef LM_MAC_H
 #define LM_MAC_H
@@ -26,7 +27,8 @@
 
 typedef struct {
     uint8_t rk[11][16];  /* AES-128 round keys of K2, FIPS 197 byte order (the order AES-NI uses too) */
-    uint64_t hh, hl;     /* H as two big-endian halves (portable path) */
+    uint64_t hh, hl;     /* H as two big-endian halves */
+    uint64_t mh[256], ml[256]; /* portable path: M[v] = v(x) * H for every byte v (Shoup's 8-bit table) */
     uint8_t hp[8][16];   /* H^1 .. H^8, bytes reversed (PCLMULQDQ path): hp[i] = H^(i + 1) */
 } lm_mac_key;
 
@@ -136,6 +138,40 @@ static void lm_gf128_mul(uint64_t *xh, uint64_t *xl, uint64_t hh, uint64_t hl) {
     *xl = zl;
 }
 
+/* Z * x^8 folds the eight coefficients shifted out (x^128 .. x^135) back in: x^(128 + j) = x^j (1 + x + x^2 + x^7),
+ * i.e. 0xE1 << 120 shifted right by j, which touches only the top 16 bits. lm_gh_fold[r] is that for the eight
+ * low bits r of Z (bit 7 is x^120 -> j = 0, bit 0 is x^127 -> j = 7), filled by lm_mac_setup(). */
+static uint16_t lm_gh_fold[256];
+
+static void lm_gh_init_fold(void) {
+    int r, i;
+    for (r = 0; r < 256; r++) {
+        uint16_t f = 0;
+        for (i = 0; i < 8; i++)
+            if (r & (1 << i)) f ^= (uint16_t)(0xE100u >> (7 - i));
+        lm_gh_fold[r] = f;
+    }
+}
+
+/* X <- X * H with the key's 8-bit table (Horner over the 16 bytes, the last byte first). Table lookups depend on
+ * X: the portable path is not constant-time (the PCLMULQDQ path is). */
+static inline void lm_gf128_mul_table(const lm_mac_key *k, uint64_t *xh, uint64_t *xl) {
+    uint64_t zh = 0, zl = 0, r;
+    int i;
+    for (i = 15; i >= 0; i--) {
+        unsigned v = (unsigned)((i < 8 ? *xh >> (56 - 8 * i) : *xl >> (120 - 8 * i)) & 255);
+        if (i < 15) { /* Z <- Z * x^8 */
+            r = zl & 255;
+            zl = (zl >> 8) | (zh << 56);
+            zh = (zh >> 8) ^ ((uint64_t)lm_gh_fold[r] << 48);
+        }
+        zh ^= k->mh[v];
+        zl ^= k->ml[v];
+    }
+    *xh = zh;
+    *xl = zl;
+}
+
 /* Absorb n bytes (a multiple of 16) into the hash state y (16 bytes, GCM byte order). */
 typedef void (*lm_gh_absorb_fn)(const lm_mac_key *k, uint8_t y[16], const uint8_t *p, size_t n);
 
@@ -144,7 +180,7 @@ static void lm_gh_absorb_portable(const lm_mac_key *k, uint8_t y[16], const uint
     for (; n >= 16; n -= 16, p += 16) {
         yh ^= lm_be64(p);
         yl ^= lm_be64(p + 8);
-        lm_gf128_mul(&yh, &yl, k->hh, k->hl);
+        lm_gf128_mul_table(k, &yh, &yl);
     }
     lm_put_be64(y, yh);
     lm_put_be64(y + 8, yl);
@@ -269,6 +305,7 @@ static int lm_mac_fast = 0; /* set once at import: lm_mac_setup() */
 
 static void lm_mac_setup(void) {
     lm_aes_init_tables();
+    lm_gh_init_fold();
     lm_mac_fast = lm_have_clmul();
 }
 
@@ -279,7 +316,7 @@ static void lm_mac_init(lm_mac_key *k, const uint8_t pair_key[32]) {
     const char *label = LM_MAC_LABEL;
     lm_b2b_state S;
     uint8_t k12[32], rk1[11][16], zero[16] = {0}, h[16];
-    uint64_t ph, pl;
+    uint64_t ph, pl, bh[8], bl[8];
     int i, j;
     lm_b2b_init_key(&S, 32, pair_key, 32);
     lm_b2b_update(&S, (const uint8_t *)label, sizeof(LM_MAC_LABEL) - 1);
@@ -289,6 +326,17 @@ static void lm_mac_init(lm_mac_key *k, const uint8_t pair_key[32]) {
     lm_aes128_encrypt(rk1, zero, h);
     k->hh = ph = lm_be64(h);
     k->hl = pl = lm_be64(h + 8);
+    for (j = 0; j < 8; j++) { /* bh/bl[j] = x^(7 - j) H: the multiple of H for bit j of a byte */
+        bh[j] = 1ULL << (56 + j);
+        bl[j] = 0;
+        lm_gf128_mul(&bh[j], &bl[j], k->hh, k->hl);
+    }
+    k->mh[0] = k->ml[0] = 0;
+    for (i = 1; i < 256; i++) { /* M[v] = v(x) H (bit 7 of v is x^0: M[128] = H) = M[v less its lowest bit] + ... */
+        j = __builtin_ctz((unsigned)i);
+        k->mh[i] = k->mh[i & (i - 1)] ^ bh[j];
+        k->ml[i] = k->ml[i & (i - 1)] ^ bl[j];
+    }
     for (i = 0; i < 8; i++) { /* hp[i] = H^(i+1), bytes reversed */
         uint8_t be[16];
         if (i > 0) lm_gf128_mul(&ph, &pl, k->hh, k->hl);

@@ -252,7 +252,8 @@ class Endpoint:
     keys : mapping rank -> bytes
         32-byte pair key shared with each peer (see :mod:`lossympi.keys`). Required when ``auth``.
     auth : bool
-        Authenticate every datagram (keyed BLAKE2b-128). Turn off only on a trusted network.
+        Authenticate every datagram (16-byte MAC: AES-128 of GHASH, docs/protocol.md). Turn off only on a
+        trusted network.
     datagram_bytes : int
         UDP payload size of one datagram; 1472 fits a 1500-byte MTU without fragmentation.
     gso, gro : bool or "auto"
