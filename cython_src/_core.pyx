@@ -87,6 +87,7 @@ cdef extern from "lm_blake2b.h" nogil:
     ctypedef struct lm_b2b_state:
         size_t buflen
     void lm_b2b_init_key(lm_b2b_state *S, size_t outlen, const uint8_t *key, size_t keylen)
+    void lm_b2b_prepare(lm_b2b_state *S)
     void lm_b2b_update(lm_b2b_state *S, const uint8_t *data, size_t n)
     void lm_b2b_final(lm_b2b_state *S, uint8_t *out)
 
@@ -190,6 +191,49 @@ def datagram_mac(bytes pair_key, const uint8_t[::1] header, const uint8_t[::1] p
                  &payload[0] if payload.shape[0] else &empty, payload.shape[0], out,
                  lm_mac_fast if fast is None else (1 if fast else 0))
     return bytes(out[:16])
+
+
+MAC_IMPLS = ("clmul", "portable", "blake2b")
+
+
+def mac_seconds(int nbytes, long reps, str impl):
+    """Seconds (monotonic clock) that ``reps`` MACs of one ``nbytes``-byte datagram take on this thread, without the
+    GIL: what ``python -m lossympi.bench mac`` reports. ``impl``: ``"clmul"`` (PCLMULQDQ + AES-NI), ``"portable"``
+    (the C fallback) or ``"blake2b"`` (protocol version 1's keyed BLAKE2b-128 in scalar C, from a prepared key
+    state, for comparison). Each MAC is folded into the next datagram, so none can be skipped."""
+    if impl not in MAC_IMPLS:
+        raise ValueError(f"impl must be one of {MAC_IMPLS}, got {impl!r}")
+    if impl == "clmul" and not lm_mac_fast:
+        raise ValueError("this CPU has no PCLMULQDQ + AES-NI: time 'portable' or 'blake2b'")
+    if not HEADER_BYTES <= nbytes <= MAX_DGRAM or reps < 1:
+        raise ValueError(f"nbytes must be {HEADER_BYTES}..{MAX_DGRAM} and reps >= 1")
+    cdef lm_mac_key k
+    cdef lm_b2b_state prepared, S
+    cdef uint8_t key[32]
+    cdef uint8_t out[16]
+    cdef uint8_t *buf = <uint8_t *>calloc(nbytes, 1)
+    cdef int fast = 1 if impl == "clmul" else 0, blake = impl == "blake2b"
+    cdef long r
+    cdef uint64_t t0, t1
+    if buf == NULL:
+        raise MemoryError()
+    memset(key, 7, 32)
+    lm_mac_init(&k, key)
+    lm_b2b_init_key(&prepared, MAC_BYTES, key, 32)
+    lm_b2b_prepare(&prepared)
+    with nogil:
+        t0 = lm_now_ns()
+        for r in range(reps):
+            if blake:
+                S = prepared
+                lm_b2b_update(&S, buf, nbytes)
+                lm_b2b_final(&S, out)
+            else:
+                lm_mac2_impl(&k, buf, HEADER_BYTES, buf + HEADER_BYTES, nbytes - HEADER_BYTES, out, fast)
+            buf[r % nbytes] ^= out[0]
+        t1 = lm_now_ns()
+    free(buf)
+    return (t1 - t0) * 1e-9
 
 
 def stride_for(int datagram_bytes):

@@ -15,6 +15,7 @@ from lossympi.bench.common import run_cli
 SUBCOMMANDS: dict[str, str] = {
     "p2p": "lossympi.bench.p2p",
     "gather": "lossympi.bench.gather",
+    "mac": "lossympi.bench.mac",
 }
 
 
