@@ -611,7 +611,8 @@ class Endpoint:
     def _inline(self, nbytes: int, count: int, rate: float, burst: int, credit: int) -> bool:
         """Whether a message is small enough to leave from the calling thread without waiting: within
         ``inline_bytes``, its pacing burst (when paced) and its credit window (when credit-driven)."""
-        return nbytes <= self.inline_bytes and (not rate or nbytes + count * 128 <= burst) and \
+        wire_bytes = nbytes + count * (_core.HEADER_SIZE + _core.MAC_SIZE)  # what the core paces: header + MAC each
+        return nbytes <= self.inline_bytes and (not rate or wire_bytes <= burst) and \
             (not credit or count <= credit)
 
     def _send_now(self, peer: int, flat: np.ndarray, code: int, tag: int, tid: int,

@@ -61,6 +61,8 @@ def test_paced_credit_bound_or_faulty_messages_use_the_sending_thread():
         assert a._inline(20_000, count, 0.0, 0, 0)
         assert not a._inline(20_000, count, 1e9, 16_000, 0)  # paced beyond its burst: it may sleep
         assert a._inline(20_000, count, 1e9, 64_000, 0)
+        wire = 20_000 + count * (32 + 16)  # payload + each datagram's header and MAC: what the core paces
+        assert a._inline(20_000, count, 1e9, wire, 0) and not a._inline(20_000, count, 1e9, wire - 1, 0)
         assert not a._inline(20_000, count, 0.0, 0, count - 1)  # it would wait for the receiver's credit
         assert a._inline(20_000, count, 0.0, 0, count)
 
