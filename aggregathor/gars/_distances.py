@@ -110,6 +110,7 @@ __all__ = [
     "coordinate_median",
     "distances_from_gram",
     "first_argmin",
+    "KrumDistances",
     "krum_scores",
     "mean_of_rows",
     "pairwise_sq_distances",
@@ -448,6 +449,17 @@ def pairwise_sq_distances(x: tf.Tensor, **kwargs: Any) -> tf.Tensor:
     precise = bool(kwargs.get("precise", False))
     eps = float(np.finfo(np.float64 if precise else x.dtype.as_numpy_dtype).eps) / 2.0
     return distances_from_gram(centred_gram(x, **kwargs), eps)[0]
+
+
+class KrumDistances:
+    """Phase 1 of the distance-based rules (Krum, Multi-Krum, Bulyan), as a method they share: the ``(n, n)``
+    float64 squared distances between the rows, ``+inf`` to and from non-finite rows; the centre, where the Gram
+    needs one, is the coordinate-wise median of the first ``2f + 1`` rows (at most ``f`` of them Byzantine)."""
+
+    f: int
+
+    def distances(self, x: tf.Tensor) -> tf.Tensor:
+        return pairwise_sq_distances(x, ref_rows=2 * self.f + 1)
 
 
 # ------------------------------------------------------------------------------------------- selection

@@ -98,7 +98,7 @@ def _aggregathor_coordinate_phase(sizes: tuple[int, ...], beta: int, scaled: boo
 
 
 @register
-class Bulyan(GAR):
+class Bulyan(_distances.KrumDistances, GAR):
     r"""Bulyan (El Mhamdi, Guerraoui, Rouault, "The Hidden Vulnerability of Distributed Learning in Byzantium",
     ICML 2018, §4). Needs :math:`n \ge 4f + 3`.
 
@@ -212,10 +212,6 @@ class Bulyan(GAR):
         return tf.stack(orders)
 
     # ------------------------------------------------------------------------------------ aggregate
-    def distances(self, x: tf.Tensor) -> tf.Tensor:
-        """Phase 1: the ``(n, n)`` float64 squared distances, computed once for every round."""
-        return _distances.pairwise_sq_distances(x, ref_rows=2 * self.f + 1)
-
     def select(self, dist: tf.Tensor, dtype: tf.DType = tf.float32) -> tuple[tf.Tensor, tf.Tensor]:
         """Phase 2: ``(selected, far)``: :meth:`selection` (``variant="krum"``) or the AggregaThor variant's
         ``(t, n)`` rankings, and whether the coordinate phase must scale its rows (rows of ``dtype`` used by it

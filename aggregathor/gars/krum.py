@@ -9,7 +9,7 @@ from aggregathor.gars.base import GAR, register
 
 
 @register
-class Krum(GAR):
+class Krum(_distances.KrumDistances, GAR):
     r"""Krum: the gradient with the smallest score, the sum of its squared distances to its closest peers.
 
     .. math:: s(i) = \sum_{i \to j} \|G_i - G_j\|^2, \qquad \mathrm{Krum}(G_1, \dots, G_n) = G_{i_*},
@@ -45,10 +45,6 @@ class Krum(GAR):
 
     def check(self) -> None:
         self._require(self.n >= 2 * self.f + 3, "n >= 2f + 3")
-
-    def distances(self, x: tf.Tensor) -> tf.Tensor:
-        """Phase 1: the ``(n, n)`` float64 squared distances (``+inf`` to and from non-finite rows)."""
-        return _distances.pairwise_sq_distances(x, ref_rows=2 * self.f + 1)
 
     def select(self, dist: tf.Tensor) -> tf.Tensor:
         """Phase 2: the index of the smallest score (ties: the lowest index), an int32 scalar."""

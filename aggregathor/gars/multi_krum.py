@@ -12,7 +12,7 @@ from aggregathor.gars.base import GAR, register
 
 
 @register
-class MultiKrum(GAR):
+class MultiKrum(_distances.KrumDistances, GAR):
     r"""Multi-Krum: the **mean** (not the sum) of the :math:`m` gradients with the smallest Krum scores.
 
     .. math:: s(i) = \sum_{i \to j} \|G_i - G_j\|^2, \qquad
@@ -67,10 +67,6 @@ class MultiKrum(GAR):
         if self._m is not None:
             cfg["m"] = self._m
         return cfg
-
-    def distances(self, x: tf.Tensor) -> tf.Tensor:
-        """Phase 1: the ``(n, n)`` float64 squared distances (``+inf`` to and from non-finite rows)."""
-        return _distances.pairwise_sq_distances(x, ref_rows=2 * self.f + 1)
 
     def select(self, dist: tf.Tensor) -> tf.Tensor:
         """Phase 2: the ``m`` indices of smallest score, best first (ties: the lower index first), int32."""
